@@ -454,8 +454,9 @@ def _setup(n: Narrator, report: Report, workdir: Path, children: list[Child]) ->
 
 
 def _shorten(link: str) -> str:
-    # The secret part of the link is real: do not put all of it on screen.
-    return link if len(link) <= 48 else f"{link[:40]}…"
+    # The secret sits in the fragment after '#': keep it off the screen.
+    head, sep, _ = link.partition("#")
+    return f"{head}#…" if sep else link
 
 
 def _tour(n: Narrator, report: Report, workdir: Path, children: list[Child]) -> list[User]:
