@@ -124,6 +124,8 @@ class Send(_Frame, tag="send", kw_only=True):
 class ErrorInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
     code: str
     message: str = ""
+    #: With ``rate_limited``: how long to wait before trying again.
+    retry_after_ms: int | None = msgspec.field(default=None, name="retryAfterMs")
 
 
 class Ack(_Frame, tag="ack", kw_only=True):
@@ -268,6 +270,10 @@ class MeshCreate(_Frame, tag="mesh_create", kw_only=True):
     signature: str
     display_name: str = ""
     create_token: str | None = None
+    #: Extension: the id the creator proposes (its member key derives from
+    #: the mesh id, so it must know it before signing).  A broker that
+    #: ignores it assigns its own and the daemon keeps its key id apart.
+    mesh_id: str | None = None
 
 
 class MeshCreated(_Frame, tag="mesh_created", kw_only=True):
