@@ -1,0 +1,212 @@
+"""A small blocking client of the daemon's local API (docs/ipc.md).
+
+One verb = one connection: connect, ``Hello``/``Welcome``, one ``Request``,
+one ``Reply``, close (or a stream of ``Event`` frames for ``subscribe``).
+Plain ``socket`` + msgspec and nothing else, because every import here is
+paid on each CLI invocation; in particular trio must never be imported on
+this path. Starting the daemon when it is not running lives in
+:mod:`.autostart`, imported only when the socket is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from claudemesh import __version__
+from claudemesh.shared.protocol.errors import ProtocolError
+from claudemesh.shared.protocol.framing import FrameBuffer
+from claudemesh.shared.protocol.ipc import (
+    API_MISMATCH,
+    IPC_API_VERSION,
+    Error,
+    Event,
+    Hello,
+    Reply,
+    Request,
+    Welcome,
+    decode_ipc,
+    encode_ipc,
+)
+
+from .errors import CliError, DaemonUnreachable, RequestFailed
+
+#: Bound on connect + hello; a daemon that cannot greet in this long is stuck.
+CONNECT_TIMEOUT_S: Final = 5.0
+#: Bound on an ordinary request (``message.wait`` adds its own timeout to it).
+REQUEST_TIMEOUT_S: Final = 30.0
+
+RESTART_ADVICE: Final = "claudemesh daemon stop && claudemesh daemon start"
+
+
+def claudemesh_home() -> Path:
+    """``$CLAUDEMESH_HOME``, else ``~/.claudemesh``."""
+    env = os.environ.get("CLAUDEMESH_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".claudemesh"
+
+
+def control_socket_path(home: Path) -> Path:
+    return home / "daemon.sock"
+
+
+def _connect_unix(sock: socket.socket, path: Path) -> None:
+    """Connect even when ``path`` is longer than ``sun_path`` (~107 bytes).
+
+    Deep homes (temporary folders, long user names) are common; on Linux we
+    go through ``/proc/self/fd/<dir fd>/<name>``, which is short.
+    """
+    raw = os.fsencode(path)
+    if len(raw) < 100 or not os.path.isdir("/proc/self/fd"):
+        sock.connect(raw)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
+
+
+class Connection:
+    """One greeted connection to the daemon; use as a context manager."""
+
+    def __init__(self, sock: socket.socket, welcome: Welcome) -> None:
+        self._sock = sock
+        self._buf = FrameBuffer()
+        self._pending: list[bytes] = []
+        self._next_id = 1
+        self.welcome = welcome
+
+    @classmethod
+    def open(cls, path: Path, *, client: str = "cli", session_id: str | None = None) -> Connection:
+        """Connect to ``path`` and greet; raises ``OSError`` if nobody listens.
+
+        ``api_mismatch`` (this CLI is newer than the daemon) becomes a
+        :class:`CliError` that says how to restart the daemon.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            _connect_unix(sock, path)
+            hello = Hello(
+                client=client,
+                client_version=__version__,
+                pid=os.getpid(),
+                cwd=os.getcwd(),
+                session_id=session_id,
+            )
+            sock.sendall(encode_ipc(hello))
+            conn = cls(sock, Welcome(daemon_version="?"))
+            first = conn._read_frame()
+        except BaseException:
+            sock.close()
+            raise
+        if isinstance(first, Welcome):
+            conn.welcome = first
+            return conn
+        sock.close()
+        if isinstance(first, Error) and first.code == API_MISMATCH:
+            raise CliError(
+                API_MISMATCH,
+                f"This claudemesh CLI ({__version__}, API {IPC_API_VERSION}) is newer than the "
+                f"running daemon. Restart the daemon: {RESTART_ADVICE}",
+                exit_code=3,
+            )
+        if isinstance(first, Error):
+            raise CliError(first.code, f"The daemon refused the connection: {first.message}")
+        raise CliError("protocol", f"The daemon answered hello with {type(first).__name__}.")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _read_frame(self) -> Any:
+        """Read one frame, blocking; EOF or garbage become a :class:`CliError`."""
+        while not self._pending:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise CliError("timeout", "The daemon did not answer in time.") from None
+            except OSError as exc:
+                raise DaemonUnreachable(f"Lost the connection to the daemon: {exc}.") from None
+            if not data:
+                raise DaemonUnreachable(
+                    "The daemon closed the connection. Check `claudemesh daemon logs`."
+                )
+            try:
+                self._pending.extend(self._buf.feed(data))
+            except ProtocolError as exc:
+                raise CliError(exc.code, f"The daemon sent a bad frame: {exc.message}") from None
+        body = self._pending.pop(0)
+        try:
+            return decode_ipc(body)
+        except ProtocolError as exc:
+            raise CliError(exc.code, f"The daemon sent a bad frame: {exc.message}") from None
+
+    def send_request(self, method: str, params: dict[str, Any] | None = None) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        frame = Request(id=request_id, method=method, params=params or {})
+        try:
+            self._sock.sendall(encode_ipc(frame))
+        except OSError as exc:
+            raise DaemonUnreachable(f"Lost the connection to the daemon: {exc}.") from None
+        return request_id
+
+    def _wait_reply(self, request_id: int) -> Any:
+        while True:
+            frame = self._read_frame()
+            if isinstance(frame, Reply) and frame.id == request_id:
+                if frame.error is not None:
+                    err = frame.error
+                    raise RequestFailed(err.code, err.message, details=err.details)
+                return frame.result
+            if isinstance(frame, Error):
+                raise CliError(frame.code, frame.message)
+            # Anything else (a stray event) is not ours to handle here.
+
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = REQUEST_TIMEOUT_S,
+    ) -> Any:
+        """Send one request and return its ``result``; an error reply raises."""
+        self._sock.settimeout(timeout)
+        return self._wait_reply(self.send_request(method, params))
+
+    def subscribe(self, params: dict[str, Any] | None = None) -> Iterator[Event]:
+        """Start a subscription and yield its events until the daemon closes."""
+        self._sock.settimeout(REQUEST_TIMEOUT_S)
+        sub = self.send_request("subscribe", params)
+        self._wait_reply(sub)
+        self._sock.settimeout(None)
+        while True:
+            frame = self._read_frame()
+            if isinstance(frame, Event) and frame.sub == sub:
+                yield frame
+            elif isinstance(frame, Error):
+                raise CliError(frame.code, frame.message)
+
+
+def connect(home: Path | None = None, *, autostart: bool = True, client: str = "cli") -> Connection:
+    """A greeted connection to the control socket, starting the daemon if needed."""
+    home = home if home is not None else claudemesh_home()
+    path = control_socket_path(home)
+    try:
+        return Connection.open(path, client=client)
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    except OSError as exc:
+        raise DaemonUnreachable(f"Cannot reach the daemon at {path}: {exc}.") from None
+    from .autostart import start_and_connect
+
+    return start_and_connect(home, autostart=autostart, client=client)

@@ -1,0 +1,63 @@
+"""What every verb shares: one request to the daemon, errors people can act on.
+
+Verb modules are plain functions (no cyclopts import) so the fast path in
+:mod:`.app` can call them without loading the parser; cyclopts reads the
+same signatures and docstrings for ``--help`` and completion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from claudemesh.shared.protocol import ipc
+
+from .client import connect
+from .errors import CliError, RequestFailed
+from .output import short_key
+
+
+def call(
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    workspace: str | None = None,
+    no_start: bool = False,
+    timeout: float | None = 30.0,
+) -> Any:
+    """Open the control socket (starting the daemon if allowed), make one request."""
+    params = dict(params or {})
+    if workspace is not None:
+        params["workspace"] = workspace
+    with connect(autostart=not no_start) as conn:
+        try:
+            return conn.call(method, params, timeout=timeout)
+        except RequestFailed as exc:
+            raise explain(exc) from None
+
+
+def explain(exc: RequestFailed) -> CliError:
+    """Turn an error reply into a sentence that says what to do next."""
+    details = exc.details or {}
+    candidates = details.get("candidates") or []
+    if exc.code == ipc.NOT_FOUND and candidates:
+        names = ", ".join(
+            str(c.get("display_name", c)) if isinstance(c, dict) else str(c) for c in candidates
+        )
+        return RequestFailed(exc.code, f"{exc.message} Did you mean: {names}?", details=details)
+    if exc.code == ipc.AMBIGUOUS and candidates:
+        lines = [exc.message, "It matches:"]
+        for c in candidates:
+            if isinstance(c, dict):
+                lines.append(f"  {short_key(c.get('pubkey'), 16)}  {c.get('display_name', '')}")
+            else:
+                lines.append(f"  {c}")
+        lines.append("Use a longer key prefix or the full key.")
+        return RequestFailed(exc.code, "\n".join(lines), details=details)
+    if exc.code == ipc.NO_WORKSPACE:
+        return RequestFailed(
+            exc.code,
+            f"{exc.message} Pick one with --workspace NAME or `claudemesh workspace use NAME` "
+            "(see `claudemesh workspace list`).",
+            details=details,
+        )
+    return exc

@@ -1,0 +1,1 @@
+"""One module per resource; each verb is a plain function cyclopts registers lazily."""

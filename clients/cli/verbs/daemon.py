@@ -1,0 +1,296 @@
+"""``daemon run | start | stop | status | logs | install | uninstall``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from ..client import Connection, claudemesh_home, control_socket_path
+from ..errors import CliError, DaemonUnreachable
+from ..output import ago, now_ms, print_json, say, table, warn
+
+#: How long `daemon stop` waits for the socket to go away.
+STOP_DEADLINE_S = 15.0
+
+
+def _try_connect(home: Path) -> Connection | None:
+    try:
+        return Connection.open(control_socket_path(home))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except OSError as exc:
+        raise DaemonUnreachable(f"Cannot reach the daemon: {exc}.") from None
+
+
+def run() -> int:
+    """Run the daemon in the foreground (what service units call)."""
+    import importlib
+
+    # By name, so the CLI does not depend on the daemon's module at type-check time.
+    daemon_main = importlib.import_module("claudemesh.daemon.main").main
+    sys.argv = ["claudemesh-daemon"]
+    result: Any = daemon_main()
+    return result if isinstance(result, int) else 0
+
+
+def start(*, json: bool = False) -> int:
+    """Start the daemon in the background if it is not running.
+
+    Parameters
+    ----------
+    json
+        Print one JSON document.
+    """
+    from ..autostart import spawn_daemon, wait_for_daemon
+    from ..service import installed_unit, manual_start_hint, run_steps
+
+    home = claudemesh_home()
+    conn = _try_connect(home)
+    started = False
+    if conn is None:
+        unit = installed_unit()
+        if unit is not None:
+            from ..service import Step
+
+            run_steps([Step(manual_start_hint(unit).split())], warn if json else say)
+            conn = wait_for_daemon(home, None)
+        else:
+            conn = wait_for_daemon(home, spawn_daemon(home))
+        started = True
+    with conn:
+        st = conn.call("daemon.status")
+    if json:
+        print_json({"started": started, "pid": st.get("pid"), "version": st.get("version")})
+    elif started:
+        say(f"Daemon started (pid {st.get('pid')}, version {st.get('version')}).")
+    else:
+        say(f"Daemon already running (pid {st.get('pid')}).")
+    return 0
+
+
+def _wait_gone(home: Path, pid: int | None) -> bool:
+    deadline = time.monotonic() + STOP_DEADLINE_S
+    while time.monotonic() < deadline:
+        gone = _try_connect(home)
+        if gone is None and (pid is None or not _alive(pid)):
+            return True
+        if gone is not None:
+            gone.close()
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop(*, json: bool = False) -> int:
+    """Ask the daemon to drain and exit; waits until it has.
+
+    Parameters
+    ----------
+    json
+        Print one JSON document.
+    """
+    home = claudemesh_home()
+    conn = _try_connect(home)
+    if conn is None:
+        if json:
+            print_json({"stopped": False, "running": False})
+        else:
+            say("Daemon is not running.")
+        return 0
+    with conn:
+        pid = conn.call("daemon.status").get("pid")
+        conn.call("daemon.stop")
+    if not _wait_gone(home, pid):
+        raise CliError(
+            "stop_timeout",
+            f"The daemon (pid {pid}) did not exit within {STOP_DEADLINE_S:g} s; "
+            "see `claudemesh daemon logs`.",
+        )
+    if json:
+        print_json({"stopped": True, "pid": pid})
+    else:
+        say(f"Daemon stopped (pid {pid}).")
+    return 0
+
+
+def status(*, json: bool = False) -> int:
+    """Is the daemon running, and how are its workspaces doing.
+
+    Exit code 3 when it is not running.
+
+    Parameters
+    ----------
+    json
+        Print one JSON document.
+    """
+    home = claudemesh_home()
+    conn = _try_connect(home)
+    if conn is None:
+        if json:
+            print_json({"running": False, "home": os.fspath(home)})
+        else:
+            say(f"Daemon is not running (home {home}). Start it with `claudemesh daemon start`.")
+        return 3
+    with conn:
+        st = conn.call("daemon.status")
+    if json:
+        print_json({"running": True, **st})
+        return 0
+    now = now_ms()
+    say(
+        f"Daemon running: pid {st.get('pid')}, version {st.get('version')}, "
+        f"up since {ago(st.get('started_at'), now)}, home {st.get('home')}"
+    )
+    rows = []
+    for ws in st.get("workspaces", []):
+        ob = ws.get("outbox") or {}
+        mark = "*" if ws.get("name") == st.get("default_workspace") else ""
+        rows.append(
+            [
+                mark,
+                str(ws.get("name")),
+                str(ws.get("link")),
+                f"{ob.get('pending', 0)}/{ob.get('inflight', 0)}/{ob.get('dead', 0)}",
+                str(ws.get("inbox_unread", 0)),
+                str(ws.get("last_error") or ""),
+            ]
+        )
+    if rows:
+        say(table(["", "WORKSPACE", "LINK", "OUTBOX p/i/d", "UNREAD", "LAST ERROR"], rows))
+    else:
+        say("No workspaces yet.")
+    return 0
+
+
+def logs(*, lines: int = 50, follow: bool = False) -> int:
+    """Print the end of the daemon's log file.
+
+    Parameters
+    ----------
+    lines
+        How many lines from the end.
+    follow
+        Keep printing new lines until Ctrl-C.
+    """
+    from ..autostart import log_path
+
+    path = log_path(claudemesh_home())
+    try:
+        f = path.open("r", errors="replace")
+    except FileNotFoundError:
+        raise CliError("no_logs", f"No daemon log at {path} yet.") from None
+    with f:
+        for line in deque(f, maxlen=max(lines, 0)):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        if not follow:
+            return 0
+        try:
+            while True:
+                line = f.readline()
+                if line:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _kind(systemd: bool, launchd: bool) -> Any:
+    from ..errors import UsageError
+    from ..service import default_kind
+
+    if systemd and launchd:
+        raise UsageError("Choose one of --systemd and --launchd.")
+    if systemd:
+        return "systemd"
+    if launchd:
+        return "launchd"
+    return default_kind()
+
+
+def install(
+    *,
+    systemd: bool = False,
+    launchd: bool = False,
+    dry_run: bool = False,
+    json: bool = False,
+) -> int:
+    """Install the daemon as a login service (systemd user unit or launchd agent).
+
+    Writes the unit with this Python interpreter and CLAUDEMESH_HOME, then
+    enables and starts it, printing each command; prints what to run by hand
+    when the service manager is not usable here.
+
+    Parameters
+    ----------
+    systemd
+        Install a systemd user unit (default on Linux).
+    launchd
+        Install a launchd agent (default on macOS).
+    dry_run
+        Print the unit and the commands; change nothing.
+    json
+        Print one JSON document.
+    """
+    from .. import service
+
+    kind = _kind(systemd, launchd)
+    home = claudemesh_home()
+    out = warn if json else say
+    if not dry_run:
+        # A daemon we started ourselves would hold the home; hand over to the unit.
+        conn = _try_connect(home)
+        if conn is not None:
+            with conn:
+                pid = conn.call("daemon.status").get("pid")
+                out(f"stopping the running daemon (pid {pid}) so the service can own it")
+                conn.call("daemon.stop")
+            _wait_gone(home, pid)
+    report = service.install(kind, home, out, dry_run=dry_run)
+    if json:
+        print_json(report.__dict__)
+    return 0
+
+
+def uninstall(
+    *,
+    systemd: bool = False,
+    launchd: bool = False,
+    dry_run: bool = False,
+    json: bool = False,
+) -> int:
+    """Stop and remove the login service that `daemon install` set up.
+
+    Parameters
+    ----------
+    systemd
+        Remove the systemd user unit (default on Linux).
+    launchd
+        Remove the launchd agent (default on macOS).
+    dry_run
+        Print what would be done; change nothing.
+    json
+        Print one JSON document.
+    """
+    from .. import service
+
+    kind = _kind(systemd, launchd)
+    report = service.uninstall(kind, warn if json else say, dry_run=dry_run)
+    if json:
+        print_json(report.__dict__)
+    return 0
