@@ -1,0 +1,5 @@
+"""``python -m claudemesh.daemon``: the same as ``claudemesh-daemon``."""
+
+from claudemesh.daemon.main import main
+
+raise SystemExit(main())
