@@ -1,0 +1,182 @@
+"""The local API on real unix sockets: hello rules, typed errors, uid refusal, permissions."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from claudemesh.daemon.ipcserver import IpcServer, peer_uid
+from claudemesh.shared.protocol import ipc
+from claudemesh.shared.protocol.framing import HEADER
+
+from .conftest import open_client, open_daemon
+
+
+async def test_welcome_and_status(short_tmp: Path) -> None:
+    async with open_daemon(short_tmp / "h") as d, open_client(d.home.control_socket) as c:
+        r = await c.request("daemon.status")
+        assert r.ok
+        assert r.result["pid"] == os.getpid()
+        assert r.result["workspaces"] == []
+    assert not (short_tmp / "h" / "daemon.sock").exists()  # unlinked on stop
+
+
+async def test_permissions(short_tmp: Path) -> None:
+    async with open_daemon(short_tmp / "h") as d:
+        root = d.home.root
+        for p in (root, root / "identity", root / "sockets", root / "workspaces", root / "logs"):
+            assert p.stat().st_mode & 0o777 == 0o700, p
+        assert (root / "identity" / "root.key").stat().st_mode & 0o777 == 0o600
+        assert len((root / "identity" / "root.key").read_bytes()) == 32
+        assert d.home.control_socket.stat().st_mode & 0o777 == 0o600
+
+
+async def test_newer_api_gets_restart_advice(short_tmp: Path) -> None:
+    async with (
+        open_daemon(short_tmp / "h") as d,
+        open_client(d.home.control_socket, hello=False) as c,
+    ):
+        await c.send(ipc.Hello(api_version=ipc.IPC_API_VERSION + 1))
+        f = await c.read()
+        assert isinstance(f, ipc.Error)
+        assert f.code == ipc.API_MISMATCH
+        assert "restart the daemon" in f.message
+        with pytest.raises(EOFError):
+            await c.read()
+
+
+async def test_request_before_hello_is_refused(short_tmp: Path) -> None:
+    async with (
+        open_daemon(short_tmp / "h") as d,
+        open_client(d.home.control_socket, hello=False) as c,
+    ):
+        await c.send(ipc.Request(id=1, method="daemon.status"))
+        f = await c.read()
+        assert isinstance(f, ipc.Error)
+        assert f.code == "no_hello"
+
+
+async def test_typed_errors_and_connection_survives(short_tmp: Path) -> None:
+    async with open_daemon(short_tmp / "h") as d, open_client(d.home.control_socket) as c:
+        r = await c.request("no.such.method")
+        assert r.error is not None
+        assert r.error.code == ipc.UNKNOWN_METHOD
+        r = await c.request("workspace.create", name="Bad Name!", broker_url="ws://x/ws")
+        assert r.error is not None
+        assert r.error.code == ipc.INVALID_PARAMS
+        assert "name" in r.error.message
+        r = await c.request("workspace.create", name="ok")
+        assert r.error is not None
+        assert "broker_url" in r.error.message
+        r = await c.request("workspace.use", name=5)
+        assert r.error is not None
+        assert r.error.code == ipc.INVALID_PARAMS
+        r = await c.request("message.send", to="bob", body="x")
+        assert r.error is not None
+        assert r.error.code == ipc.NO_WORKSPACE
+        # A body that is not a frame: typed error, connection stays open.
+        await c.stream.send_all(HEADER.pack(3) + b"\xc1\xc1\xc1")
+        f = await c.read()
+        assert isinstance(f, ipc.Error)
+        assert f.code == "malformed"
+        await c.stream.send_all(ipc.encode_ipc(ipc.Welcome(daemon_version="x")))
+        f = await c.read()
+        assert isinstance(f, ipc.Error)
+        assert f.code == "unknown_type"
+        r = await c.request("daemon.status")
+        assert r.ok
+
+
+async def test_broken_framing_closes(short_tmp: Path) -> None:
+    async with open_daemon(short_tmp / "h") as d, open_client(d.home.control_socket) as c:
+        await c.stream.send_all(struct.pack(">I", 50 * 1024 * 1024))
+        f = await c.read()
+        assert isinstance(f, ipc.Error)
+        assert f.code == "frame_too_large"
+        with pytest.raises(EOFError):
+            await c.read()
+        # The daemon itself is fine.
+        async with open_client(d.home.control_socket) as c2:
+            assert (await c2.request("daemon.status")).ok
+
+
+async def test_bad_link_names_the_part(short_tmp: Path) -> None:
+    good = "claudemesh://join/m1/i1?broker=ws%3A%2F%2F127.0.0.1%3A1%2Fws#" + "A" * 43
+    cases = {
+        "https://example.com": "claudemesh://",
+        good.split("#")[0]: "secret",
+        good[:-5]: "secret",
+        good.replace("?broker=ws%3A%2F%2F127.0.0.1%3A1%2Fws", ""): "broker URL",
+        good.replace("ws%3A", "http%3A"): "broker URL",
+        good.replace("/m1/i1", "/m1"): "path",
+    }
+    async with open_daemon(short_tmp / "h") as d, open_client(d.home.control_socket) as c:
+        for link, part in cases.items():
+            r = await c.request("workspace.join", link=link)
+            assert r.error is not None, link
+            assert r.error.code == ipc.INVALID_PARAMS, link
+            assert part in r.error.message, (link, r.error.message)
+        r = await c.request("workspace.join", link=good)
+        assert r.error is not None
+        assert r.error.code == ipc.BROKER_UNREACHABLE
+
+
+async def test_foreign_uid_is_refused(short_tmp: Path) -> None:
+    """The real server, told to allow another uid, refuses our real connection."""
+    calls = []
+
+    async def handler(conn: object, req: ipc.Request) -> object:
+        calls.append(req)
+        return {}
+
+    server = IpcServer(short_tmp / "s.sock", handler, allowed_uid=os.getuid() + 1)
+    async with trio.open_nursery() as n:
+        await n.start(server.serve)
+        stream = await trio.open_unix_socket(str(short_tmp / "s.sock"))
+        assert peer_uid(stream.socket) == os.getuid()
+        await stream.send_all(ipc.encode_ipc(ipc.Hello()))
+        with trio.fail_after(5):
+            data = b""
+            while True:
+                try:
+                    chunk = await stream.receive_some(1024)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+        assert data == b""  # closed without a Welcome
+        assert server.refused == 1
+        assert calls == []
+        await stream.aclose()
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a child as another uid")
+async def test_foreign_uid_process_is_refused(short_tmp: Path) -> None:
+    """A real process running as another uid cannot get a Welcome."""
+    import sys
+
+    async with open_daemon(short_tmp / "h") as d:
+        code = (
+            "import os,socket,sys\n"
+            "from claudemesh.shared.protocol import ipc\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s=socket.socket(socket.AF_UNIX); s.settimeout(5)\n"
+            "try:\n"
+            f"  s.connect({str(d.home.control_socket)!r})\n"
+            "  s.sendall(ipc.encode_ipc(ipc.Hello()))\n"
+            "  print('got', len(s.recv(100)))\n"
+            "except OSError as e: print('refused', type(e).__name__)\n"
+        )
+        res = await trio.run_process(
+            [sys.executable, "-c", code],
+            capture_stdout=True,
+            check=False,
+        )
+        out = res.stdout.decode()
+        assert out.startswith("refused") or out.strip() == "got 0", out

@@ -1,0 +1,61 @@
+"""Real daemon subprocesses: one per home, crash recovery, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from cmtest.daemon import DaemonProc, call, run_daemon
+
+from claudemesh.daemon.home import EXIT_ALREADY_RUNNING
+
+
+def _second_start(home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CLAUDEMESH_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "claudemesh.daemon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_second_daemon_exits_at_once(short_tmp: Path) -> None:
+    with run_daemon(short_tmp / "h") as d:
+        r = _second_start(d.home)
+        assert r.returncode == EXIT_ALREADY_RUNNING
+        assert "already running" in r.stderr
+        assert call(d.home, "daemon.status")["pid"] == d.pid  # the first one is untouched
+
+
+def test_kill9_leaves_nothing_that_blocks_a_restart(short_tmp: Path) -> None:
+    d = DaemonProc(short_tmp / "h")
+    try:
+        d.start()
+        first = d.pid
+        d.kill(signal.SIGKILL)
+        assert (d.home / "daemon.sock").exists()  # stale socket file left behind
+        d.start()
+        assert d.pid != first
+        assert call(d.home, "daemon.status")["pid"] == d.pid
+    finally:
+        d.kill()
+
+
+def test_sigterm_and_stop_request_exit_cleanly(short_tmp: Path) -> None:
+    d = DaemonProc(short_tmp / "h")
+    try:
+        d.start()
+        assert d.stop() == 0
+        assert not (d.home / "daemon.sock").exists()
+        d.start()
+        call(d.home, "daemon.stop")
+        assert d.proc is not None
+        assert d.proc.wait(timeout=15) == 0
+    finally:
+        d.kill()

@@ -1,0 +1,151 @@
+"""The SQLite store on the real clock: accept/idempotency, state moves, inbox dedupe, events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from claudemesh.daemon.store import Store, now_ms
+
+
+def row(cmid: str, fp: str = "f1", **kw: Any) -> dict[str, Any]:
+    r = {
+        "client_message_id": cmid,
+        "fingerprint": fp,
+        "state": "pending",
+        "target": "bob",
+        "target_spec": "ab" * 32,
+        "kind": "direct",
+        "topic": None,
+        "body": "hi",
+        "priority": "next",
+        "reply_to": None,
+        "meta": None,
+        "session_id": None,
+        "created_at": now_ms(),
+        "recipients": json.dumps([{"pubkey": "ab" * 32, "display_name": "bob"}]),
+    }
+    r.update(kw)
+    return r
+
+
+async def test_accept_duplicate_and_conflict(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    assert (await s.accept(row("m1")))[0] == "new"
+    out, stored = await s.accept(row("m1"))
+    assert out == "duplicate"
+    assert stored["state"] == "pending"
+    out, stored = await s.accept(row("m1", fp="other"))
+    assert out == "conflict"
+    assert stored["fingerprint"] == "f1"
+    assert len(await s.list_outbox(None)) == 1
+    s.close()
+
+
+async def test_accepted_row_survives_reopen_and_inflight_resets(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    await s.accept(row("m1"))
+    taken = await s.take_due(now_ms())
+    assert [r["client_message_id"] for r in taken] == ["m1"]
+    assert (await s.get_outbox("m1"))["state"] == "inflight"  # type: ignore[index]
+    s.close()
+    s = Store(tmp_path / "s.db")
+    assert await s.reset_inflight() == 1
+    r = await s.get_outbox("m1")
+    assert r is not None
+    assert r["state"] == "pending"
+    assert r["attempts"] == 1
+    s.close()
+
+
+async def test_sent_then_receipts_advance_only_forward(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    await s.accept(row("m1"))
+    await s.take_due(now_ms())
+    await s.mark_sent("m1", "b1", now_ms())
+    rec = await s.get_receipts("m1")
+    assert [r["state"] for r in rec] == ["sent"]
+    assert await s.record_receipt("m1", "ab" * 32, "surfaced", now_ms(), None)
+    assert not await s.record_receipt("m1", "ab" * 32, "delivered", now_ms(), None)
+    assert [r["state"] for r in await s.get_receipts("m1")] == ["surfaced"]
+    kinds = [e["kind"] for e in await s.events_after(0)]
+    assert kinds == ["receipt", "receipt"]
+    s.close()
+
+
+async def test_retry_and_dead(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    await s.accept(row("m1"))
+    await s.take_due(now_ms())
+    later = now_ms() + 60_000
+    await s.mark_retry("m1", "rate_limited", later)
+    assert await s.take_due(now_ms()) == []
+    assert await s.next_due_at() == later
+    await s.take_due(later)
+    await s.mark_dead("m1", "unknown_target: no such key", now_ms())
+    r = await s.get_outbox("m1")
+    assert r is not None
+    assert r["state"] == "dead"
+    assert "unknown_target" in r["last_error"]
+    assert [x["state"] for x in await s.get_receipts("m1")] == ["failed"]
+    s.close()
+
+
+async def test_requeue_keeps_old_row_for_audit(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    await s.accept(row("m1"))
+    assert await s.requeue("m1", row("m2")) == "ok"
+    old = await s.get_outbox("m1")
+    assert old is not None
+    assert old["state"] == "aborted"
+    assert old["requeued_as"] == "m2"
+    assert (await s.get_outbox("m2")) is not None
+    assert await s.requeue("m1", row("m3")) == "aborted"
+    assert await s.requeue("nope", row("m4")) == "not_found"
+    # The old id stays taken forever.
+    assert (await s.accept(row("m1", fp="x")))[0] == "conflict"
+    s.close()
+
+
+def inbox_row(bid: str) -> dict[str, Any]:
+    return {
+        "broker_message_id": bid,
+        "client_message_id": "c",
+        "from_pubkey": "cd" * 32,
+        "from_member_pubkey": "cd" * 32,
+        "from_name": "carol",
+        "to_key": "ab" * 32,
+        "target_spec": "ab" * 32,
+        "priority": "next",
+        "body": "hello",
+        "topic": None,
+        "reply_to": None,
+        "created_at": now_ms(),
+        "received_at": now_ms(),
+    }
+
+
+async def test_inbox_unique_on_broker_id_and_event_in_same_tx(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    first = await s.inbox_insert(inbox_row("b1"), None)
+    assert first is not None
+    assert await s.inbox_insert(inbox_row("b1"), None) is None
+    events = await s.events_after(0)
+    assert len(events) == 1
+    assert json.loads(events[0]["data"])["inbox_id"] == first[0]
+    assert events[0]["cursor"] == first[1]
+    rows = await s.inbox_list(unread=True, limit=10, before=None, after=None, mark_seen=False)
+    assert len(rows) == 1
+    unsurf = await s.take_unsurfaced([rows[0]["id"]])
+    assert [r["broker_message_id"] for r in unsurf] == ["b1"]
+    await s.mark_surfaced_sent([rows[0]["id"]])
+    assert await s.take_unsurfaced() == []
+    assert (await s.counts())["inbox_unread"] == 0
+    s.close()
+
+
+async def test_files_are_private(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600
+    s.close()
