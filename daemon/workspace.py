@@ -283,12 +283,12 @@ class Workspace:
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _connect_once(self) -> None:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            cm = open_websocket_url(
-                self.cfg.broker_url, max_message_size=wire.max_frame_bytes() * 2
-            )
-            ws = await cm.__aenter__()
-        try:
+        async with open_websocket_url(
+            self.cfg.broker_url,
+            max_message_size=wire.max_frame_bytes() * 2,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            disconnect_timeout=2,
+        ) as ws:
             await self._hello(ws)
             self._ws = ws
             self.link_state = "connected"
@@ -301,9 +301,6 @@ class Workspace:
                 nursery.start_soon(self._on_connected)
                 await self._read_loop(ws)
                 nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await cm.__aexit__(None, None, None)
 
     async def _hello(self, ws: WebSocketConnection) -> None:
         ts = now_ms()
