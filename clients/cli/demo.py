@@ -433,6 +433,7 @@ def _setup(n: Narrator, report: Report, workdir: Path, children: list[Child]) ->
     )["workspace"]
     alice.pubkey = str(created["member_pubkey"])
     n.step(f'Alice created workspace "{WORKSPACE}" (mesh {created["mesh_id"]})')
+    wait_connected(alice)
     invite = alice.call("invite.create", {"role": "member", "uses": 1, "expires_s": 3600})
     link = str(invite["link"])
     n.step(f"Alice made a one-use invite link: {_shorten(link)}")
@@ -441,7 +442,6 @@ def _setup(n: Narrator, report: Report, workdir: Path, children: list[Child]) ->
     ]
     bob.pubkey = str(joined["member_pubkey"])
     n.step("Bob joined through the link")
-    wait_connected(alice)
     wait_connected(bob)
     n.step("Both daemons are connected to the broker")
     for u in (alice, bob):
@@ -558,6 +558,13 @@ def run_demo(*, keep: bool = False, json: bool = False, out: TextIO | None = Non
         users = _tour(n, report, workdir, children)
         finished = True
         report.ok = True
+    except CliError:
+        # The temporary tree is about to go: show what the processes said first.
+        for child in children:
+            tail = child.log_tail()
+            if tail:
+                print(f"--- last lines of the {child.name} log ---\n{tail}", file=sys.stderr)
+        raise
     finally:
         signal.signal(signal.SIGTERM, old)
         if not (keep and finished):
@@ -577,7 +584,7 @@ def run_demo(*, keep: bool = False, json: bool = False, out: TextIO | None = Non
     return report
 
 
-def demo(*, keep: bool = False, json: bool = False) -> None:
+def demo(*, keep: bool = False, json: bool = False) -> int:
     """A self-contained tour: a broker and two users (Alice, Bob) on this machine.
 
     Starts a broker on a free loopback port and two daemons in temporary
@@ -597,9 +604,10 @@ def demo(*, keep: bool = False, json: bool = False) -> None:
         report = run_demo(keep=keep, json=json)
     except KeyboardInterrupt:
         print("\nInterrupted: everything the demo started has been stopped.", file=sys.stderr)
-        raise SystemExit(130) from None
+        return 130
     except _Interrupted:
         print("Terminated: everything the demo started has been stopped.", file=sys.stderr)
-        raise SystemExit(143) from None
+        return 143
     if json:
         print(jsonlib.dumps(report.__dict__, indent=2))
+    return 0
