@@ -28,6 +28,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -315,11 +316,13 @@ class Broker:
                 nursery.start_soon(self._writer, conn, recv)
                 try:
                     await self._reader(conn, nursery)
+                except ConnectionClosed:
+                    pass
                 finally:
                     conn.closed = True
                     nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            pass
+        except Exception as exc:  # a bug must cost one connection, never the broker
+            log("internal_error", remote=remote, error=repr(exc), trace=_trace(exc))
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
@@ -542,6 +545,7 @@ class Broker:
             return False
         self.seen_hellos[h.signature] = h.timestamp + 2 * cfg.skew_ms
         groups = [(g.name, g.role) for g in h.groups] if h.groups is not None else None
+        seen_before = member.last_seen_at is not None
         await self.store.member_hello(member.id, device_id, groups, now)
         if h.groups is None:
             refreshed = await self.store.get_member(member.id)
@@ -591,9 +595,7 @@ class Broker:
                 c is not conn and c.member is not None and c.member.id == member.id
                 for c in self.mesh_conns[conn.mesh_id]
             ) or any(k[0] == "m" and k[1] == member.id for k in self.lingering)
-            event = (
-                "peer_returned" if member.last_seen_at is not None and not others else "peer_joined"
-            )
+            event = "peer_returned" if seen_before and not others else "peer_joined"
             self._system(conn.mesh_id, event, self._member_event(conn), exclude=conn)
         self._open_stream(("m", member.id, device_id), conn)
         for r in await self.store.pending_receipts(member.id, device_id):
@@ -1266,6 +1268,10 @@ class Broker:
                 if res.receipts:
                     log("expired", rows=len(res.receipts))
             await trio.sleep(self.config.sweep_interval)
+
+
+def _trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))[-4000:]
 
 
 def _frame_id(frame: wire.Frame) -> str | None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import trio
+from cmtest.broker import open_inproc_broker, open_peer
 
 from claudemesh.shared.protocol import crypto, errors, wire
-from cmtest.broker import open_inproc_broker, open_peer
 
 
 async def test_direct_message_online(tmp_path: Path) -> None:
@@ -43,3 +42,148 @@ async def test_direct_message_online(tmp_path: Path) -> None:
             await bb.send(wire.Receipt(message_id=push.message_id, state="surfaced"))
             r2 = await a.expect(wire.Receipt)
             assert r2.state == "surfaced"
+
+
+async def test_offline_recipient_gets_rows_on_connect_in_order(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            ids = [(await a.dm(bob.pubkey, f"m{i}".encode())).message_id for i in range(20)]
+            async with open_peer(b.url, bob) as bb:
+                got = [(await bb.message()).message_id for _ in range(20)]
+                assert got == ids
+
+
+async def test_unacked_row_redelivered_after_reconnect(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            async with open_peer(b.url, bob) as bb:
+                ack = await a.dm(bob.pubkey, b"x")
+                assert (await bb.message()).message_id == ack.message_id
+                # dropped before client_ack
+            async with open_peer(b.url, bob) as bb:
+                push = await bb.message()
+                assert push.message_id == ack.message_id
+                await bb.send(wire.ClientAck(broker_message_id=push.message_id))
+                await a.expect(wire.Receipt, where=lambda r: r.state == "delivered")
+            async with open_peer(b.url, bob) as bb:
+                await bb.expect_none(wire.Push, 0.3, where=lambda p: p.subtype is None)
+
+
+async def test_lease_redelivers_unacked_push(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path, lease=0.3) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a, open_peer(b.url, bob) as bb:
+            ack = await a.dm(bob.pubkey, b"x")
+            first = await bb.message()
+            again = await bb.message(within=3)
+            assert first.message_id == again.message_id == ack.message_id
+            await bb.send(wire.ClientAck(broker_message_id=ack.message_id))
+            await a.expect(wire.Receipt)
+            bb.backlog.clear()
+            await bb.expect_none(wire.Push, 0.8, where=lambda p: p.subtype is None)
+
+
+async def test_duplicate_send_returns_same_id_and_stores_nothing(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            first = await a.dm(bob.pubkey, b"x", cmid="same", request_fingerprint="f1")
+            again = await a.dm(bob.pubkey, b"x", cmid="same", request_fingerprint="f1")
+            assert again.queued
+            assert again.duplicate
+            assert again.message_id == first.message_id
+            assert b.store.db.counts()["pending"] == 1
+            clash = await a.dm(bob.pubkey, b"y", cmid="same", request_fingerprint="f2")
+            assert not clash.queued
+            assert clash.error is not None
+            assert clash.error.code == errors.IDEMPOTENCY_CONFLICT
+        async with open_peer(b.url, bob) as bb:
+            await bb.message()
+            await bb.expect_none(wire.Push, 0.3, where=lambda p: p.subtype is None)
+
+
+async def test_duplicate_survives_reconnect_of_sender(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            first = await a.dm(bob.pubkey, b"x", cmid="k")
+        async with open_peer(b.url, alice) as a:
+            again = await a.dm(bob.pubkey, b"x", cmid="k")
+        assert again.duplicate
+        assert again.message_id == first.message_id
+
+
+async def test_unknown_target_and_bad_specs(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        stranger = crypto.KeyPair(crypto.new_root_secret())
+        async with open_peer(b.url, alice) as a:
+            ack = await a.dm(stranger.public_hex, b"x")
+            assert not ack.queued
+            assert ack.error is not None
+            assert ack.error.code == errors.UNKNOWN_TARGET
+            for spec in ("bob", "@", "ab" * 31):
+                await a.send(
+                    wire.Send(id="s", target_spec=spec, priority="now", nonce="", ciphertext="")
+                )
+                bad = await a.expect(wire.Ack)
+                assert bad.error is not None
+                assert bad.error.code == errors.INVALID_FIELD
+
+
+async def test_group_and_broadcast_routing(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob, carol, dave = (b.member(mesh, n) for n in ("alice", "bob", "carol", "dave"))
+        async with (
+            open_peer(b.url, alice) as a,
+            open_peer(b.url, bob, groups=[wire.GroupRef(name="ops/db")]) as bb,
+            open_peer(b.url, carol, groups=[wire.GroupRef(name="ops")]) as c,
+        ):
+            await c.send(wire.JoinGroup(name="design"))
+            await c.request(wire.ListPeers(id="sync"))  # join_group applied
+            nonce, ct = crypto.secretbox_encrypt(b"k" * 32, b"topic body")
+            for spec, expected in (
+                ("@ops", 2),
+                ("@ops/db", 1),
+                ("@design", 1),
+                ("*", 3),
+                ("@all", 3),
+                ("#general", 3),
+                ("@nobody", 0),
+            ):
+                await a.send(
+                    wire.Send(
+                        id=spec,
+                        target_spec=spec,
+                        priority="next",
+                        nonce=nonce,
+                        ciphertext=ct,
+                        client_message_id="c" + spec,
+                        topic="general",
+                        epoch=1,
+                    )
+                )
+                got = await a.expect(wire.Ack, where=lambda x, s=spec: x.id == s)
+                assert got.queued, got
+                assert got.recipients == expected, (spec, got)
+            bob_specs = {(await bb.message()).target_spec for _ in range(5)}
+            assert bob_specs == {"@ops", "@ops/db", "*", "@all", "#general"}
+            carol_specs = {(await c.message()).target_spec for _ in range(5)}
+            assert carol_specs == {"@ops", "@design", "*", "@all", "#general"}
+            await bb.expect_none(wire.Push, 0.2, where=lambda p: p.subtype is None)
+        async with open_peer(b.url, dave) as d:
+            pushes = [await d.message() for _ in range(3)]
+            assert [p.target_spec for p in pushes] == ["*", "@all", "#general"]
+            assert pushes[2].topic == "general"
+            assert pushes[2].epoch == 1
+            assert pushes[2].target_pubkey == dave.pubkey
+            await d.expect_none(wire.Push, 0.2, where=lambda p: p.subtype is None)
