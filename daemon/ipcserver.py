@@ -173,6 +173,14 @@ class IpcServer:
             await self._converse(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except BaseExceptionGroup as eg:
+            _, rest = eg.split((trio.BrokenResourceError, trio.ClosedResourceError))
+            if rest is not None:
+                if rest.split(Exception)[1] is not None:
+                    raise  # cancellation: not ours to swallow
+                log.error("connection handler failed: %r", rest)
+        except Exception:
+            log.exception("connection handler failed")
         finally:
             conn.closed = True
             self.connections -= 1

@@ -76,6 +76,23 @@ class BrokerRefused(Exception):
         self.message = message
 
 
+def collapse(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception worth handling in a nursery's group (Cancelled stays a group)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    if any(not isinstance(e, Exception) for e in leaves):
+        return eg  # cancellation or KeyboardInterrupt: let it propagate as is
+    return leaves[0]
+
+
 def topic_id_for(target_spec: str) -> str | None:
     """The topic id whose key encrypts a non-direct message (None: direct)."""
     if target_spec in ("*", "@all"):
@@ -184,6 +201,9 @@ class Workspace:
         self._connected = trio.Event()
         self._counter = 0
         self.cancel_scope = trio.CancelScope()
+        #: Test hook: store pushes but never ack them, to show that a crash
+        #: between the inbox commit and the ack still yields one inbox row.
+        self.hold_acks = os.environ.get("CLAUDEMESH_TEST_HOLD_ACKS") == "1"
 
     # --------------------------------------------------------- notifications
 
@@ -258,7 +278,10 @@ class Workspace:
         while True:
             self.link_state = "connecting"
             try:
-                await self._connect_once()
+                try:
+                    await self._connect_once()
+                except BaseExceptionGroup as eg:
+                    raise collapse(eg) from None
                 delay = BACKOFF_MIN_S  # the link was up: start backing off afresh
             except BrokerRefused as exc:
                 self.link_state = "refused"
@@ -267,6 +290,9 @@ class Workspace:
             except (*NET_ERRORS, RemoteProtocolError, LinkDown) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.info("link %s down: %s", self.name, self.last_error)
+            except Exception as exc:  # a bug must not take the daemon down; retry
+                self.last_error = f"internal: {type(exc).__name__}"
+                log.exception("link %s failed", self.name)
             finally:
                 self._ws = None
                 if self._connected.is_set():
@@ -508,6 +534,8 @@ class Workspace:
         self.notify()
 
     async def _client_ack(self, **kw: str) -> None:
+        if self.hold_acks and "broker_message_id" in kw:
+            return
         with contextlib.suppress(LinkDown, *NET_ERRORS):
             await self.send_frame(wire.ClientAck(**kw))
 

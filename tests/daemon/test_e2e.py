@@ -1,0 +1,215 @@
+"""End to end: a real broker subprocess and real daemon subprocesses in temporary homes."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cmtest.broker import BrokerProc, run_broker
+from cmtest.daemon import DaemonError, DaemonProc, IpcClient, call, run_daemon, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def link_state(home: Path, ws: str = "team") -> str:
+    for w in call(home, "daemon.status")["workspaces"]:
+        if w["name"] == ws:
+            return str(w["link"])
+    return "absent"
+
+
+def wait_connected(home: Path, ws: str = "team") -> None:
+    wait_for(lambda: link_state(home, ws) == "connected", timeout=15, what=f"{home.name} link")
+
+
+def setup_pair(url: str, a: Path, b: Path, *, name: str = "team") -> dict[str, Any]:
+    """A creates ``name``, invites, B joins; both linked. Returns B's workspace."""
+    call(a, "workspace.create", name=name, broker_url=url, display_name="alice")
+    wait_connected(a, name)
+    inv = call(a, "invite.create", workspace=name)
+    ws = call(b, "workspace.join", link=inv["link"], display_name="bob")["workspace"]
+    wait_connected(b, name)
+    wait_for(
+        lambda: any(
+            p["display_name"] == "bob" for p in call(a, "peer.list", workspace=name)["peers"]
+        ),
+        what="alice sees bob",
+    )
+    return dict(ws)
+
+
+def inbox(home: Path, **kw: Any) -> list[dict[str, Any]]:
+    return list(call(home, "message.inbox", mark_seen=False, **kw)["messages"])
+
+
+@pytest.fixture
+def broker(short_tmp: Path) -> Iterator[BrokerProc]:
+    with run_broker(short_tmp / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def short_tmp_dirs(short_tmp: Path) -> Path:
+    (short_tmp / "broker").mkdir()
+    return short_tmp
+
+
+def test_offline_recipient_gets_it_exactly_once_and_secrets_stay_home(
+    short_tmp: Path, broker: BrokerProc
+) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        bob = setup_pair(broker.url, a.home, b.home)
+        b.stop()
+        sent = call(
+            a.home, "message.send", to="bob", body="canary-body-7f3a", client_message_id="m-1"
+        )
+        assert sent["state"] == "accepted"
+        assert sent["recipients"][0]["pubkey"] == bob["member_pubkey"]
+        st = call(a.home, "message.wait", client_message_id="m-1", state="sent", timeout_s=10)
+        assert st["state"] == "sent"
+        b.start()
+        with IpcClient.open(b.home, socket="team") as sub:
+            sub.request("subscribe", cursor=0)
+            ev = sub.next_event(timeout=15)
+            assert ev.kind == "message"
+            assert ev.data["body"] == "canary-body-7f3a"
+            assert ev.data["from_name"] == "alice"
+            st = call(
+                a.home, "message.wait", client_message_id="m-1", state="delivered", timeout_s=10
+            )
+            assert st["recipients"][0]["state"] in ("delivered", "surfaced")
+            with pytest.raises(TimeoutError):
+                sub.next_event(timeout=0.5)  # exactly one
+        assert [m["body"] for m in inbox(b.home)] == ["canary-body-7f3a"]
+        # The broker never held the body, the workspace root key or an invite secret.
+        cfg = (b.home / "workspaces" / "team" / "config.json").read_text()
+        import json
+
+        root_key = json.loads(cfg)["root_key"]
+        dump = "\n".join(sqlite3.connect(broker.db_path).iterdump())
+        assert "canary-body-7f3a" not in dump
+        assert root_key not in dump
+
+
+def test_idempotency_over_the_socket(short_tmp: Path, broker: BrokerProc) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        setup_pair(broker.url, a.home, b.home)
+        r1 = call(a.home, "message.send", to="bob", body="once", client_message_id="same")
+        r2 = call(a.home, "message.send", to="bob", body="once", client_message_id="same")
+        assert r1["duplicate"] is False
+        assert r2["duplicate"] is True
+        assert r2["client_message_id"] == "same"
+        with pytest.raises(DaemonError) as ei:
+            call(a.home, "message.send", to="bob", body="different", client_message_id="same")
+        assert ei.value.code == "conflict"
+        assert ei.value.details["state"] in ("pending", "inflight", "done")
+        call(a.home, "message.wait", client_message_id="same", state="delivered", timeout_s=10)
+        wait_for(lambda: len(inbox(b.home)) == 1, what="one row")
+        rows = call(a.home, "outbox.list")["rows"]
+        assert [r["client_message_id"] for r in rows] == ["same"]
+        # Still a conflict after delivery: an id is never freed.
+        with pytest.raises(DaemonError):
+            call(a.home, "message.send", to="bob", body="different", client_message_id="same")
+        assert [m["body"] for m in inbox(b.home)] == ["once"]
+
+
+def test_kill9_sender_after_accept_still_delivers_once(short_tmp: Path, broker: BrokerProc) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        setup_pair(broker.url, a.home, b.home)
+        broker.stop()  # the sender cannot forward before it dies
+        wait_for(lambda: link_state(a.home) != "connected", what="A notices")
+        call(a.home, "message.send", to="bob", body="survives", client_message_id="k9")
+        a.kill(signal.SIGKILL)
+        broker.start()
+        a.start()
+        call(a.home, "message.wait", client_message_id="k9", state="delivered", timeout_s=20)
+        wait_for(lambda: inbox(b.home), timeout=10, what="bob inbox")
+        assert [m["body"] for m in inbox(b.home)] == ["survives"]
+
+
+def test_kill9_receiver_before_ack_yields_one_row(short_tmp: Path, broker: BrokerProc) -> None:
+    with run_daemon(short_tmp / "a") as a:
+        b = DaemonProc(short_tmp / "b", env={"CLAUDEMESH_TEST_HOLD_ACKS": "1"})
+        try:
+            b.start()
+            setup_pair(broker.url, a.home, b.home)
+            call(a.home, "message.send", to="bob", body="ack-me", client_message_id="r9")
+            wait_for(lambda: inbox(b.home), what="stored, not acked")
+            b.kill(signal.SIGKILL)
+            b.extra_env.pop("CLAUDEMESH_TEST_HOLD_ACKS")
+            b.start()
+            call(a.home, "message.wait", client_message_id="r9", state="delivered", timeout_s=20)
+            assert [m["body"] for m in inbox(b.home)] == ["ack-me"]
+        finally:
+            b.kill()
+
+
+def test_same_root_on_two_machines_both_store(short_tmp: Path, broker: BrokerProc) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        bob = setup_pair(broker.url, a.home, b.home)
+        b2_home = short_tmp / "b2"
+        (b2_home / "identity").mkdir(parents=True, mode=0o700)
+        shutil.copy(b.home / "identity" / "root.key", b2_home / "identity" / "root.key")
+        with run_daemon(b2_home) as b2:
+            inv = call(a.home, "invite.create")
+            ws2 = call(b2.home, "workspace.join", link=inv["link"], display_name="bob")["workspace"]
+            assert ws2["member_pubkey"] == bob["member_pubkey"]
+            assert ws2["member_id"] == bob["member_id"]
+            wait_connected(b2.home)
+            assert (
+                call(b2.home, "daemon.status")["device_id"]
+                != call(b.home, "daemon.status")["device_id"]
+            )
+            call(
+                a.home, "message.send", to=bob["member_pubkey"], body="both", client_message_id="d2"
+            )
+            wait_for(lambda: inbox(b.home) and inbox(b2.home), timeout=15, what="both devices")
+            assert [m["body"] for m in inbox(b.home)] == ["both"]
+            assert [m["body"] for m in inbox(b2.home)] == ["both"]
+
+
+def test_one_broker_down_does_not_hold_back_another(short_tmp: Path) -> None:
+    (short_tmp / "b1").mkdir()
+    (short_tmp / "b2").mkdir()
+    with (
+        run_broker(short_tmp / "b1") as br1,
+        run_broker(short_tmp / "b2") as br2,
+        run_daemon(short_tmp / "a") as a,
+        run_daemon(short_tmp / "b") as b,
+    ):
+        setup_pair(br1.url, a.home, b.home, name="one")
+        setup_pair(br2.url, a.home, b.home, name="two")
+        br1.stop()
+        wait_for(lambda: link_state(a.home, "one") != "connected", what="one down")
+        call(
+            a.home, "message.send", workspace="one", to="bob", body="later", client_message_id="w1"
+        )
+        call(a.home, "message.send", workspace="two", to="bob", body="now", client_message_id="w2")
+        call(
+            a.home,
+            "message.wait",
+            workspace="two",
+            client_message_id="w2",
+            state="delivered",
+            timeout_s=10,
+        )
+        assert [m["body"] for m in inbox(b.home, workspace="two")] == ["now"]
+        assert (
+            call(a.home, "message.status", workspace="one", client_message_id="w1")["state"]
+            == "accepted"
+        )
+        br1.start()  # same port: the link comes back and drains without a restart
+        call(
+            a.home,
+            "message.wait",
+            workspace="one",
+            client_message_id="w1",
+            state="delivered",
+            timeout_s=40,
+        )
+        assert [m["body"] for m in inbox(b.home, workspace="one")] == ["later"]
