@@ -331,11 +331,18 @@ async def open_peer(
 ) -> AsyncIterator[Peer]:
     """Connect to ``url``; with ``hello`` (and an identity) complete the handshake."""
     async with open_websocket_url(url, max_message_size=4 * 1024 * 1024) as ws:
-        peer = Peer(ws=ws, ident=ident)
-        if hello and ident is not None:
-            await peer.send(signed_hello(ident, **hello_extra))
-            peer.hello_ack = await peer.expect(wire.HelloAck)
-        yield peer
+        try:
+            peer = Peer(ws=ws, ident=ident)
+            if hello and ident is not None:
+                await peer.send(signed_hello(ident, **hello_extra))
+                peer.hello_ack = await peer.expect(wire.HelloAck)
+            yield peer
+        finally:
+            if ws.closed is not None:
+                # trio-websocket's client leaves the TCP stream open when the
+                # server closed first; close it so no socket leaks.
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws._stream.aclose()
 
 
 @dataclass
