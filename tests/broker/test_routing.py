@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmtest.broker import open_inproc_broker, open_peer
+import trio
+from cmtest.broker import open_inproc_broker, open_peer, wait_until
 
 from claudemesh.shared.protocol import crypto, errors, wire
 
@@ -187,3 +188,99 @@ async def test_group_and_broadcast_routing(tmp_path: Path) -> None:
             assert pushes[2].epoch == 1
             assert pushes[2].target_pubkey == dave.pubkey
             await d.expect_none(wire.Push, 0.2, where=lambda p: p.subtype is None)
+
+
+async def test_expired_row_gives_expired_receipt_to_offline_sender(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path, ttl_ms=300, sweep_interval=0.1) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            ack = await a.dm(bob.pubkey, b"too late", cmid="late")
+        await wait_until(lambda: not b.store.db.counts()["pending"])
+        async with open_peer(b.url, alice) as a:
+            r = await a.expect(wire.Receipt)
+            assert r.state == "expired"
+            assert r.message_id == ack.message_id
+            assert r.client_message_id == "late"
+            assert r.recipient_pubkey == bob.pubkey
+            await a.send(wire.ClientAck(receipt_id=r.receipt_id))
+            await a.request(wire.ListPeers(id="sync"))
+        async with open_peer(b.url, bob) as bb:
+            await bb.expect_none(wire.Push, 0.3, where=lambda p: p.subtype is None)
+        await wait_until(lambda: not b.store.db.counts()["receipts_pending"])
+        async with open_peer(b.url, alice) as a:
+            await a.expect_none(wire.Receipt, 0.3)
+
+
+async def test_receipts_wait_for_an_offline_sender(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice, device_id="a1") as a:
+            ack = await a.dm(bob.pubkey, b"x")
+        async with open_peer(b.url, bob) as bb:
+            p = await bb.message()
+            await bb.send(wire.ClientAck(broker_message_id=p.message_id))
+            await bb.send(wire.Receipt(message_id=p.message_id, state="surfaced"))
+            await bb.request(wire.ListPeers(id="sync"))
+        async with open_peer(b.url, alice, device_id="a1") as a:
+            states = {(await a.expect(wire.Receipt)).state for _ in range(2)}
+            assert states == {"delivered", "surfaced"}
+        # never acked: they come again
+        async with open_peer(b.url, alice, device_id="a1") as a:
+            r1, r2 = await a.expect(wire.Receipt), await a.expect(wire.Receipt)
+            assert {r1.message_id, r2.message_id} == {ack.message_id}
+            await a.send(wire.ClientAck(receipt_id=r1.receipt_id))
+            await a.send(wire.ClientAck(receipt_id=r2.receipt_id))
+            await a.request(wire.ListPeers(id="sync"))
+        await wait_until(lambda: not b.store.db.counts()["receipts_pending"])
+
+
+async def test_order_per_pair_with_concurrent_senders_and_reconnects(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        bob = b.member(mesh, "bob")
+        senders = [b.member(mesh, f"s{i}") for i in range(3)]
+        sent: dict[str, list[str]] = {}
+
+        async def blast(ident: object) -> None:
+            async with open_peer(b.url, ident) as p:  # type: ignore[arg-type]
+                out = sent.setdefault(p.ident.pubkey, [])  # type: ignore[union-attr]
+                for i in range(40):
+                    nonce, ct = crypto.box_encrypt(
+                        b"n",
+                        sender=p.ident.key,
+                        recipient_pubkey_hex=bob.pubkey,  # type: ignore[union-attr]
+                    )
+                    await p.send(
+                        wire.Send(
+                            id=str(i),
+                            target_spec=bob.pubkey,
+                            priority="now",
+                            nonce=nonce,
+                            ciphertext=ct,
+                            client_message_id=f"{i}",
+                        )
+                    )
+                for _ in range(40):
+                    out.append((await p.expect(wire.Ack)).message_id)
+
+        got: dict[str, list[str]] = {}
+        async with trio.open_nursery() as n:
+            async with open_peer(b.url, bob) as bb:
+                for s in senders:
+                    n.start_soon(blast, s)
+                # read some, drop without acking, reconnect mid-stream
+                for _ in range(30):
+                    p = await bb.message()
+                    await bb.send(wire.ClientAck(broker_message_id=p.message_id))
+                    got.setdefault(p.sender_pubkey, []).append(p.message_id)
+        async with open_peer(b.url, bob) as bb:
+            while sum(len(v) for v in got.values()) < 120:
+                p = await bb.message()
+                await bb.send(wire.ClientAck(broker_message_id=p.message_id))
+                seen = got.setdefault(p.sender_pubkey, [])
+                if p.message_id not in seen:
+                    seen.append(p.message_id)
+        for s in senders:
+            assert got[s.pubkey] == sent[s.pubkey]

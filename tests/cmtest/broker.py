@@ -379,3 +379,12 @@ async def open_inproc_broker(tmp_path: Path, **config: Any) -> AsyncIterator[InP
             nursery.cancel_scope.cancel()
     finally:
         store.db.close()
+
+
+async def wait_until(predicate: Any, within: float = 5.0) -> None:
+    """Poll a cheap condition (e.g. a row count) until true, with a deadline."""
+    with trio.fail_after(within):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.02)
