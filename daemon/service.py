@@ -196,8 +196,10 @@ class Daemon:
         }
 
     async def m_stop(self, conn: IpcConn, params: dict[str, Any]) -> Any:
-        self.stop_requested.set()
-        return {}
+        async def after_reply() -> None:
+            self.stop_requested.set()
+
+        return Streaming({}, after_reply)  # reply first, then stop
 
     # ----------------------------------------------------- workspace.*
 
