@@ -23,7 +23,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -73,21 +72,20 @@ def _python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def broker_command(port: int, db: Path) -> list[str]:
-    """``claudemesh-broker serve`` with this interpreter (works without PATH)."""
-    code = "import sys; from claudemesh.broker.cli import main; sys.exit(main())"
-    return [
-        sys.executable,
-        "-c",
-        code,
+def broker_command(db: Path, port_file: Path) -> list[str]:
+    """``claudemesh-broker serve`` with this interpreter, on a port the OS picks."""
+    return _python_module(
+        "claudemesh.broker",
         "serve",
         "--host",
         "127.0.0.1",
         "--port",
-        str(port),
+        "0",
+        "--port-file",
+        os.fspath(port_file),
         "--db",
         os.fspath(db),
-    ]
+    )
 
 
 def daemon_command() -> list[str]:
@@ -98,14 +96,6 @@ def cli_command() -> str:
     """How to call the CLI by hand: the script next to this interpreter if any."""
     script = Path(sys.executable).parent / "claudemesh"
     return shlex.quote(os.fspath(script)) if script.exists() else "claudemesh"
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the broker binds it next)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -195,20 +185,16 @@ def _deadline_loop(deadline_s: float) -> Iterator[float]:
         time.sleep(_POLL_S)
 
 
-def wait_port(child: Child, port: int) -> None:
+def wait_port(child: Child, port_file: Path) -> int:
+    """The port the broker bound, once it has written it (it listens by then)."""
     for _ in _deadline_loop(START_DEADLINE_S):
+        with contextlib.suppress(OSError, ValueError):
+            return int(port_file.read_text().strip())
         if not child.alive():
             raise DemoFailed(
                 f"The broker exited at start-up. Its log ({child.log}):\n{child.log_tail()}"
             )
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            try:
-                s.connect(("127.0.0.1", port))
-                return
-            except OSError:
-                continue
-    raise DemoFailed(f"The broker did not open port {port} within {START_DEADLINE_S:g} s.")
+    raise DemoFailed(f"The broker did not start listening within {START_DEADLINE_S:g} s.")
 
 
 def wait_daemon(user: User) -> None:
@@ -387,27 +373,16 @@ def read_inbox(n: Narrator, user: User, cmid: str) -> None:
 
 def _setup(n: Narrator, report: Report, workdir: Path, children: list[Child]) -> tuple[User, User]:
     env = {k: v for k, v in os.environ.items() if k != "CLAUDEMESH_HOME"}
-    # The broker: a free loopback port and a fresh SQLite file. Another
-    # process can grab the port between our probe and its bind; retry then.
-    broker: Child | None = None
-    port = 0
-    for attempt in range(3):
-        port = free_port()
-        db = workdir / "broker" / "broker.db"
-        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        broker = Child("broker", broker_command(port, db), workdir / "broker" / "broker.log", env)
-        broker.start()
-        children.append(broker)
-        try:
-            wait_port(broker, port)
-            break
-        except DemoFailed:
-            broker.stop()
-            if attempt == 2:
-                raise
-    assert broker is not None
+    # The broker: a loopback port the OS picks, and a fresh SQLite file.
+    bdir = workdir / "broker"
+    bdir.mkdir(mode=0o700)
+    db = bdir / "broker.db"
+    broker = Child("broker", broker_command(db, bdir / "port"), bdir / "broker.log", env)
+    broker.start()
+    children.append(broker)
+    port = wait_port(broker, bdir / "port")
     url = f"ws://127.0.0.1:{port}/ws"
-    report.broker = {"url": url, "pid": broker.pid, "db": os.fspath(workdir / "broker/broker.db")}
+    report.broker = {"url": url, "pid": broker.pid, "db": os.fspath(db)}
     n.step(f"Broker listening on {url} (pid {broker.pid}, SQLite store in {workdir}/broker)")
 
     users: list[User] = []

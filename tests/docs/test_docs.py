@@ -163,26 +163,31 @@ def run_block(block: Block) -> subprocess.CompletedProcess[str]:
         )
         (work / "home").mkdir(mode=0o700)
         script = block.text.replace(DOC_PORT, _free_port())
-        proc = subprocess.Popen(
-            ["bash", "-euo", "pipefail", "-c", script],
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        log = work / "output.txt"
+        # Output to a file, not a pipe: a background job (`broker &`) keeps a
+        # pipe open after the block ends, and we wait for the block only.
+        with log.open("w") as out_file:
+            proc = subprocess.Popen(
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            out, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
+            proc.wait(timeout=BLOCK_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            pytest.fail(f"{block.label} did not finish in {BLOCK_TIMEOUT_S} s:\n{out}")
+            proc.wait()
+            pytest.fail(f"{block.label} did not finish in {BLOCK_TIMEOUT_S} s:\n{log.read_text()}")
         finally:
             # Background jobs of the block (a broker started with `&`) share its group.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             stop_leftovers(work)
+        out = log.read_text()
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
     finally:
         shutil.rmtree(work, ignore_errors=True)
