@@ -1,0 +1,5 @@
+"""``python -m claudemesh.clients.mcp``: the adapter, without the CLI's start-up cost."""
+
+from claudemesh.clients.mcp.adapter import main
+
+main()
