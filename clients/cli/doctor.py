@@ -52,8 +52,31 @@ class Check:
     hint: str = ""
 
 
+def _home_paths(home: Path) -> Iterator[tuple[Path, int, bool]]:
+    """``(path, wanted mode, holds a key)`` for everything doctor inspects."""
+    for name in _PRIVATE_DIRS:
+        yield home / name, 0o700, True
+    for name in _SECRET_FILES:
+        yield home / name, 0o600, True
+    ws_dir = home / "workspaces"
+    if ws_dir.is_dir():
+        for d in sorted(ws_dir.iterdir()):
+            if d.is_dir():
+                yield d, 0o700, True
+                for p in sorted(d.iterdir()):
+                    if p.is_file():
+                        # config.json holds the workspace root key; the stores
+                        # hold decrypted messages (and their -wal / -shm files).
+                        yield p, 0o600, p.name == "config.json"
+
+
 def check_home(home: Path) -> Iterator[Check]:
-    """0700 directories and 0600 secret files, owned by this user."""
+    """0700 directories and 0600 files, owned by this user.
+
+    A directory or a key file that is too open, or anything owned by another
+    uid, fails. A message store that is too open only warns: the 0700
+    directories around it still keep other users out.
+    """
     if not home.exists():
         yield Check(
             "home",
@@ -64,16 +87,9 @@ def check_home(home: Path) -> Iterator[Check]:
         return
     problems: list[str] = []
     fixes: list[str] = []
+    status: Status = "ok"
     uid = os.getuid()
-    paths: list[tuple[Path, int]] = [(home / d, 0o700) for d in _PRIVATE_DIRS]
-    paths += [(home / f, 0o600) for f in _SECRET_FILES]
-    ws_dir = home / "workspaces"
-    if ws_dir.is_dir():
-        for d in sorted(ws_dir.iterdir()):
-            if d.is_dir():
-                paths.append((d, 0o700))
-                paths += [(p, 0o600) for p in sorted(d.iterdir()) if p.is_file()]
-    for path, want in paths:
+    for path, want, key in _home_paths(home):
         try:
             st = path.lstat()
         except FileNotFoundError:
@@ -81,20 +97,28 @@ def check_home(home: Path) -> Iterator[Check]:
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid != uid:
             problems.append(f"{path} belongs to uid {st.st_uid}, not you ({uid})")
+            status = "fail"
         elif mode & ~want:
             problems.append(f"{path} is {mode:04o}, should be {want:04o}")
             fixes.append(f"chmod {want:o} {path}")
-    if problems:
-        yield Check(
-            "home",
-            "fail",
-            "Permissions are too open: " + "; ".join(problems) + ".",
-            "Others on this machine could read your keys. Fix with: " + "; ".join(fixes)
-            if fixes
-            else "Use a home that belongs to you (CLAUDEMESH_HOME) or chown it back.",
-        )
+            if key:
+                status = "fail"
+            elif status == "ok":
+                status = "warn"
+    if not problems:
+        yield Check("home", "ok", f"{home}: directories 0700, files 0600, all yours.")
+        return
+    if fixes:
+        hint = f"Fix with: {'; '.join(fixes)}"
     else:
-        yield Check("home", "ok", f"{home}: directories 0700, secret files 0600, all yours.")
+        hint = "Use a home that belongs to you (CLAUDEMESH_HOME) or chown it back."
+    risk = (
+        "Other users could read your keys"
+        if status == "fail"
+        else "Message stores are readable by group/others (the 0700 directories still "
+        "keep other users out)"
+    )
+    yield Check("home", status, f"{risk}: " + "; ".join(problems) + ".", hint)
 
 
 def connect_daemon(home: Path) -> tuple[Connection | None, Check]:
@@ -368,7 +392,7 @@ def run_checks(home: Path) -> list[Check]:
 _MARK: Final = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
 
-def doctor(*, json: bool = False) -> None:
+def doctor(*, json: bool = False) -> int:
     """Check the installation and explain each problem and what to do about it.
 
     Checks: the home's permissions, the daemon (running, reachable, same
@@ -402,5 +426,4 @@ def doctor(*, json: bool = False) -> None:
             else f"\nAll {len(checks)} checks passed."
         )
     sys.stdout.flush()
-    if failed:
-        raise SystemExit(1)
+    return 1 if failed else 0
