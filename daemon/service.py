@@ -23,6 +23,7 @@ import trio
 
 from claudemesh import __version__
 from claudemesh.shared.protocol import crypto, errors, ids, ipc, wire
+from claudemesh.shared.protocol.errors import CryptoError
 
 from . import invites
 from .home import Home, WorkspaceConfig, is_workspace_name
@@ -469,6 +470,12 @@ class Daemon:
             return to, "topic", []
         low = to.lower()
         if wire.is_pubkey_hex(low):
+            try:
+                crypto.ed25519_pk_to_x25519(bytes.fromhex(low))
+            except CryptoError:
+                raise ApiError(
+                    ipc.INVALID_PARAMS, f"param `to`: {low} is not a valid ed25519 public key"
+                ) from None
             name = next((p["display_name"] for p in ws.peers if p["pubkey"] == low), "")
             return low, "direct", [{"pubkey": low, "display_name": name}]
         if len(low) >= 4 and all(c in "0123456789abcdef" for c in low):
@@ -578,10 +585,9 @@ class Daemon:
         }
 
     async def _status(self, ws: Workspace, cmid: str) -> dict[str, Any]:
-        row = await ws.store.get_outbox(cmid)
+        row, receipts = await ws.store.get_with_receipts(cmid)
         if row is None:
             raise ApiError(ipc.NOT_FOUND, f"no sent message with client message id {cmid!r}")
-        receipts = await ws.store.get_receipts(cmid)
         names = {r["pubkey"]: r["display_name"] for r in json.loads(row["recipients"])}
         names.update({p["pubkey"]: p["display_name"] for p in ws.peers})
         recips = []

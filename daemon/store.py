@@ -320,6 +320,30 @@ class Store:
 
         return await self.run(job)
 
+    async def get_with_receipts(
+        self, cmid: str
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The outbox row and its receipts, read in one transaction (a consistent view)."""
+
+        def job(db: sqlite3.Connection) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+            db.execute("BEGIN")
+            try:
+                r = db.execute("SELECT * FROM outbox WHERE client_message_id=?", (cmid,))
+                row = r.fetchone()
+                rec = [
+                    dict(x)
+                    for x in db.execute(
+                        "SELECT recipient_pubkey, state, at, reason FROM receipts "
+                        "WHERE client_message_id=? ORDER BY recipient_pubkey",
+                        (cmid,),
+                    )
+                ]
+            finally:
+                db.execute("COMMIT")
+            return (dict(row) if row is not None else None), rec
+
+        return await self.run(job)
+
     async def get_receipts(self, cmid: str) -> list[dict[str, Any]]:
         def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
             return [

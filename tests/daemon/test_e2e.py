@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
@@ -53,12 +54,6 @@ def broker(short_tmp: Path) -> Iterator[BrokerProc]:
         yield b
 
 
-@pytest.fixture
-def short_tmp_dirs(short_tmp: Path) -> Path:
-    (short_tmp / "broker").mkdir()
-    return short_tmp
-
-
 def test_offline_recipient_gets_it_exactly_once_and_secrets_stay_home(
     short_tmp: Path, broker: BrokerProc
 ) -> None:
@@ -88,8 +83,6 @@ def test_offline_recipient_gets_it_exactly_once_and_secrets_stay_home(
         assert [m["body"] for m in inbox(b.home)] == ["canary-body-7f3a"]
         # The broker never held the body, the workspace root key or an invite secret.
         cfg = (b.home / "workspaces" / "team" / "config.json").read_text()
-        import json
-
         root_key = json.loads(cfg)["root_key"]
         dump = "\n".join(sqlite3.connect(broker.db_path).iterdump())
         assert "canary-body-7f3a" not in dump
@@ -125,8 +118,9 @@ def test_kill9_sender_after_accept_still_delivers_once(short_tmp: Path, broker: 
         wait_for(lambda: link_state(a.home) != "connected", what="A notices")
         call(a.home, "message.send", to="bob", body="survives", client_message_id="k9")
         a.kill(signal.SIGKILL)
+        a.start()  # while the broker is still down: it must connect and drain later
+        assert call(a.home, "message.status", client_message_id="k9")["state"] == "accepted"
         broker.start()
-        a.start()
         call(a.home, "message.wait", client_message_id="k9", state="delivered", timeout_s=20)
         wait_for(lambda: inbox(b.home), timeout=10, what="bob inbox")
         assert [m["body"] for m in inbox(b.home)] == ["survives"]
