@@ -29,6 +29,7 @@ import math
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -156,6 +157,7 @@ class _Inflight:
     message_id: str
     text: str
     pushed_at: float
+    expires_ms: int
 
 
 @dataclass(eq=False, slots=True)
@@ -179,6 +181,7 @@ class Conn:
     sessions: dict[str, SessionPresence] = field(default_factory=dict)
     inflight: dict[int, _Inflight] = field(default_factory=dict)
     by_message: dict[str, set[int]] = field(default_factory=dict)
+    stream_keys: set[tuple[str, str, str]] = field(default_factory=set)
     bucket: TokenBucket | None = None
     send_slots: trio.Semaphore | None = None
     closed: bool = False
@@ -238,6 +241,9 @@ class Broker:
         self.store = store
         self.config = config
         self.mesh_conns: dict[str, set[Conn]] = {}
+        self.member_conns: dict[str, set[Conn]] = {}
+        self.session_conn: dict[tuple[str, str], Conn] = {}
+        self._hello_expiry: deque[tuple[int, str]] = deque()
         self.streams: dict[tuple[str, str, str], Stream] = {}
         self.lingering: dict[tuple[str, str, str], _Linger] = {}
         self.seen_hellos: dict[str, int] = {}
@@ -514,9 +520,8 @@ class Broker:
             await self._refuse(conn, errors.BAD_SIGNATURE, "hello signature fails", CLOSE_POLICY)
             return False
         now = now_ms()
-        for sig, exp in list(self.seen_hellos.items()):
-            if exp < now:
-                del self.seen_hellos[sig]
+        while self._hello_expiry and self._hello_expiry[0][0] < now:
+            self.seen_hellos.pop(self._hello_expiry.popleft()[1], None)
         if h.signature in self.seen_hellos:
             await self._refuse(
                 conn, errors.BAD_SIGNATURE, "this hello was already used (replay)", CLOSE_POLICY
@@ -543,7 +548,8 @@ class Broker:
                 conn, errors.INVALID_FIELD, "hello: field `deviceId` too long", CLOSE_POLICY
             )
             return False
-        self.seen_hellos[h.signature] = h.timestamp + 2 * cfg.skew_ms
+        self.seen_hellos[h.signature] = now + 2 * cfg.skew_ms
+        self._hello_expiry.append((now + 2 * cfg.skew_ms, h.signature))
         groups = [(g.name, g.role) for g in h.groups] if h.groups is not None else None
         seen_before = member.last_seen_at is not None
         await self.store.member_hello(member.id, device_id, groups, now)
@@ -567,6 +573,7 @@ class Broker:
         )
         conn.send_slots = trio.Semaphore(cfg.max_inflight_sends)
         self.mesh_conns.setdefault(conn.mesh_id, set()).add(conn)
+        self.member_conns.setdefault(member.id, set()).add(conn)
         self.total_conns += 1
         self._emit(
             conn,
@@ -591,10 +598,9 @@ class Broker:
         lkey = ("m", member.id, device_id)
         resumed = self.lingering.pop(lkey, None) is not None
         if not resumed:
-            others = any(
-                c is not conn and c.member is not None and c.member.id == member.id
-                for c in self.mesh_conns[conn.mesh_id]
-            ) or any(k[0] == "m" and k[1] == member.id for k in self.lingering)
+            others = len(self.member_conns[member.id]) > 1 or any(
+                k[0] == "m" and k[1] == member.id for k in self.lingering
+            )
             event = "peer_returned" if seen_before and not others else "peer_joined"
             self._system(conn.mesh_id, event, self._member_event(conn), exclude=conn)
         self._open_stream(("m", member.id, device_id), conn)
@@ -768,13 +774,13 @@ class Broker:
         if await self.store.member_by_pubkey(conn.mesh_id, spk) is not None:
             self._error(conn, errors.FORBIDDEN, "a session key cannot be a member key", f.id)
             return
-        for other in self.mesh_conns.get(conn.mesh_id, ()):
-            prior = other.sessions.get(spk)
-            if prior is not None and other is not conn:
-                if other.member is None or other.member.id != member.id:
-                    self._error(conn, errors.FORBIDDEN, "session key in use", f.id)
-                    return
-                del other.sessions[spk]
+        other = self.session_conn.get((conn.mesh_id, spk))
+        if other is not None and other is not conn:
+            if other.member is None or other.member.id != member.id:
+                self._error(conn, errors.FORBIDDEN, "session key in use", f.id)
+                return
+            other.sessions.pop(spk, None)
+        self.session_conn[(conn.mesh_id, spk)] = conn
         await self.store.session_hello(
             conn.mesh_id, spk, member.id, conn.device_id, att.expires_at, now
         )
@@ -811,6 +817,8 @@ class Broker:
         if f.session_pubkey in conn.sessions:
             data = self._session_event(conn, f.session_pubkey)
             del conn.sessions[f.session_pubkey]
+            if self.session_conn.get((conn.mesh_id, f.session_pubkey)) is conn:
+                del self.session_conn[(conn.mesh_id, f.session_pubkey)]
             key = ("s", conn.mesh_id, f.session_pubkey)
             st = self.streams.get(key)
             if st is not None and st.conn is conn:
@@ -958,14 +966,20 @@ class Broker:
             self.total_conns -= 1
             if not mesh:
                 del self.mesh_conns[conn.mesh_id]
-        for key, st in list(self.streams.items()):
-            if st.conn is conn:
+        mine = self.member_conns.get(member.id)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self.member_conns[member.id]
+        for key in conn.stream_keys:
+            st = self.streams.get(key)
+            if st is not None and st.conn is conn:
                 del self.streams[key]
+        for spk in conn.sessions:
+            if self.session_conn.get((conn.mesh_id, spk)) is conn:
+                del self.session_conn[(conn.mesh_id, spk)]
         log("disconnected", member=member.id, device=conn.device_id, remote=conn.remote)
-        replaced = any(
-            c.member is not None and c.member.id == member.id and c.device_id == conn.device_id
-            for c in self.mesh_conns.get(conn.mesh_id, ())
-        )
+        replaced = any(c.device_id == conn.device_id for c in mine or ())
         if not replaced:
             self._linger(
                 ("m", member.id, conn.device_id),
@@ -1145,7 +1159,9 @@ class Broker:
                 target_spec=d.target_spec,
             )
         ).decode()
-        conn.inflight[d.seq] = _Inflight(d.message_id, text, trio.current_time())
+        conn.inflight[d.seq] = _Inflight(
+            d.message_id, text, trio.current_time(), d.created_at + self.config.ttl_ms
+        )
         conn.by_message.setdefault(d.message_id, set()).add(d.seq)
         self.stats["pushes"] += 1
         self._emit_text(conn, text)
@@ -1153,6 +1169,7 @@ class Broker:
     def _open_stream(self, key: tuple[str, str, str], conn: Conn) -> None:
         st = Stream(key=key, conn=conn)
         self.streams[key] = st
+        conn.stream_keys.add(key)
         if self._nursery is not None:
             self._nursery.start_soon(self._flush, st)
 
@@ -1246,10 +1263,14 @@ class Broker:
         while True:
             await trio.sleep(max(0.05, min(lease / 4, 1.0)))
             now = trio.current_time()
+            wall = now_ms()
             for conns in list(self.mesh_conns.values()):
                 for conn in list(conns):
-                    for item in list(conn.inflight.values()):
-                        if now - item.pushed_at >= lease:
+                    for seq, item in list(conn.inflight.items()):
+                        if item.expires_ms <= wall:
+                            del conn.inflight[seq]
+                            conn.by_message.pop(item.message_id, None)
+                        elif now - item.pushed_at >= lease:
                             item.pushed_at = now
                             self.stats["redeliveries"] += 1
                             self._emit_text(conn, item.text)
