@@ -333,6 +333,7 @@ def follow(
 def _print_state(n: Narrator, entry: dict[str, Any], state: str, t0: float) -> None:
     ms = (time.monotonic() - t0) * 1000
     entry["states"].append(state)
+    entry.setdefault("elapsed_ms", {})[state] = round(ms, 1)
     n.say(f"    {state:<10} {_MEANING[state]:<26} +{ms:.0f} ms")
 
 
