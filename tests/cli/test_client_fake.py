@@ -301,7 +301,7 @@ def test_daemon_status_and_stop(fake: FakeDaemon, capsys: pytest.CaptureFixture[
     assert json.loads(capsys.readouterr().out)["running"] is True
     assert run(["daemon", "stop"]) == 0
     assert "Daemon stopped" in capsys.readouterr().out
-    assert not fake.path.exists()
+    assert fake.stopped.is_set()
     assert run(["daemon", "status", "--json"]) == 3
     assert json.loads(capsys.readouterr().out)["running"] is False
 

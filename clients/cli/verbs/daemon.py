@@ -75,7 +75,12 @@ def start(*, json: bool = False) -> int:
 def _wait_gone(home: Path, pid: int | None) -> bool:
     deadline = time.monotonic() + STOP_DEADLINE_S
     while time.monotonic() < deadline:
-        gone = _try_connect(home)
+        try:
+            gone = _try_connect(home)
+        except DaemonUnreachable:
+            # Accepted, then hung up mid-hello: it is on its way out.
+            time.sleep(0.05)
+            continue
         if gone is None and (pid is None or not _alive(pid)):
             return True
         if gone is not None:
