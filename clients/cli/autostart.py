@@ -2,7 +2,8 @@
 
 Only imported when the control socket is missing or refuses, so the hot
 path never pays for ``subprocess``. The daemon is started detached (own
-session, stdio to ``$CLAUDEMESH_HOME/logs/daemon.log``) so it outlives the
+session, stdio to ``$CLAUDEMESH_HOME/logs/daemon.stderr.log``; the daemon
+writes its own ``daemon.log``) so it outlives the
 verb; we then wait for its socket with a deadline. A daemon managed by a
 systemd/launchd unit is never started behind the service manager's back.
 """
@@ -25,7 +26,13 @@ _POLL_S: Final = 0.02
 
 
 def log_path(home: Path) -> Path:
+    """The daemon's own log (JSON lines, rotated by the daemon)."""
     return home / "logs" / "daemon.log"
+
+
+def stderr_path(home: Path) -> Path:
+    """Where a background daemon's stdout/stderr go: start-up crashes land here."""
+    return home / "logs" / "daemon.stderr.log"
 
 
 def daemon_command() -> list[str]:
@@ -35,7 +42,7 @@ def daemon_command() -> list[str]:
 
 def spawn_daemon(home: Path) -> subprocess.Popen[bytes]:
     """Start a detached daemon for ``home``; its output goes to the log file."""
-    logs = log_path(home)
+    logs = stderr_path(home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     logs.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = dict(os.environ, CLAUDEMESH_HOME=os.fspath(home))
@@ -69,12 +76,12 @@ def wait_for_daemon(
         if proc is not None and proc.poll() is not None:
             raise DaemonUnreachable(
                 f"The daemon exited at start-up (status {proc.returncode}). "
-                f"See {log_path(home)} or run `claudemesh daemon run` to see why."
+                f"See {stderr_path(home)} or run `claudemesh daemon run` to see why."
             )
         if time.monotonic() >= deadline:
             raise DaemonUnreachable(
                 f"Started the daemon but its socket {path} did not appear within "
-                f"{START_DEADLINE_S:g} s. See {log_path(home)} or run `claudemesh daemon run`."
+                f"{START_DEADLINE_S:g} s. See {stderr_path(home)} or run `claudemesh daemon run`."
             )
         time.sleep(_POLL_S)
 

@@ -35,17 +35,38 @@ def call(
             raise explain(exc) from None
 
 
+def sentence(text: str) -> str:
+    """The daemon's messages are phrases; print them as sentences."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?:" else text + "."
+
+
 def explain(exc: RequestFailed) -> CliError:
     """Turn an error reply into a sentence that says what to do next."""
     details = exc.details or {}
     candidates = details.get("candidates") or []
+    message = sentence(exc.message)
     if exc.code == ipc.NOT_FOUND and candidates:
         names = ", ".join(
             str(c.get("display_name", c)) if isinstance(c, dict) else str(c) for c in candidates
         )
-        return RequestFailed(exc.code, f"{exc.message} Did you mean: {names}?", details=details)
+        return RequestFailed(exc.code, f"{message} Did you mean: {names}?", details=details)
+    if exc.code == ipc.NOT_FOUND and "candidates" in details:
+        return RequestFailed(
+            exc.code, f"{message} Check `claudemesh peer list` for names.", details=details
+        )
+    if exc.code == ipc.TIMEOUT and details.get("state"):
+        return RequestFailed(
+            exc.code,
+            f"{message} Last state: {details['state']}; "
+            f"see `claudemesh message status {details.get('client_message_id', 'ID')}`.",
+            details=details,
+        )
     if exc.code == ipc.AMBIGUOUS and candidates:
-        lines = [exc.message, "It matches:"]
+        lines = [message, "It matches:"]
         for c in candidates:
             if isinstance(c, dict):
                 lines.append(f"  {short_key(c.get('pubkey'), 16)}  {c.get('display_name', '')}")
@@ -56,8 +77,8 @@ def explain(exc: RequestFailed) -> CliError:
     if exc.code == ipc.NO_WORKSPACE:
         return RequestFailed(
             exc.code,
-            f"{exc.message} Pick one with --workspace NAME or `claudemesh workspace use NAME` "
+            f"{message} Pick one with --workspace NAME or `claudemesh workspace use NAME` "
             "(see `claudemesh workspace list`).",
             details=details,
         )
-    return exc
+    return RequestFailed(exc.code, message, details=exc.details)

@@ -113,7 +113,8 @@ def render_launchd(python: str, home: str, log: str) -> str:
 
 def render(kind: Kind, home: Path) -> str:
     python = os.path.abspath(sys.executable)
-    log = os.fspath(home / "logs" / "daemon.log")
+    # The daemon writes logs/daemon.log itself; this catches what it prints.
+    log = os.fspath(home / "logs" / "daemon.stderr.log")
     if kind == "systemd":
         return render_systemd(python, os.fspath(home), log)
     return render_launchd(python, os.fspath(home), log)

@@ -127,7 +127,7 @@ def test_send_wait_timeout_is_a_failure(
     fake.handlers["message.wait"] = wait
     assert run(["send", "bob", "hi", "--wait", "delivered", "--timeout", "1"]) == 1
     _, err = _out(capsys)
-    assert "still sent after 1 s" in err
+    assert "Still sent after 1 s. Last state: sent" in err
 
 
 def test_unknown_peer_suggests_close_names(

@@ -180,7 +180,29 @@ def status(*, json: bool = False) -> int:
     return 0
 
 
-def logs(*, lines: int = 50, follow: bool = False) -> int:
+def format_log_line(line: str) -> str:
+    """A JSON log record as ``date time level logger: message``; other lines as they are."""
+    import json as jsonlib
+
+    try:
+        rec = jsonlib.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(rec, dict) or "msg" not in rec:
+        return line
+    ts = rec.get("ts")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+        if isinstance(ts, int | float)
+        else "?"
+    )
+    text = f"{when} {rec.get('level', '')!s:<7} {rec.get('logger', '')}: {rec['msg']}"
+    if rec.get("exc"):
+        text += "\n" + str(rec["exc"])
+    return text + "\n"
+
+
+def logs(*, lines: int = 50, follow: bool = False, raw: bool = False) -> int:
     """Print the end of the daemon's log file.
 
     Parameters
@@ -189,17 +211,24 @@ def logs(*, lines: int = 50, follow: bool = False) -> int:
         How many lines from the end.
     follow
         Keep printing new lines until Ctrl-C.
+    raw
+        Print the JSON records as stored.
     """
-    from ..autostart import log_path
+    from ..autostart import log_path, stderr_path
 
-    path = log_path(claudemesh_home())
+    home = claudemesh_home()
+    path = log_path(home)
+    show = (lambda line: line) if raw else format_log_line
     try:
         f = path.open("r", errors="replace")
     except FileNotFoundError:
-        raise CliError("no_logs", f"No daemon log at {path} yet.") from None
+        hint = ""
+        if stderr_path(home).exists():
+            hint = f" The daemon's start-up output is in {stderr_path(home)}."
+        raise CliError("no_logs", f"No daemon log at {path} yet.{hint}") from None
     with f:
         for line in deque(f, maxlen=max(lines, 0)):
-            sys.stdout.write(line)
+            sys.stdout.write(show(line))
         sys.stdout.flush()
         if not follow:
             return 0
@@ -207,7 +236,7 @@ def logs(*, lines: int = 50, follow: bool = False) -> int:
             while True:
                 line = f.readline()
                 if line:
-                    sys.stdout.write(line)
+                    sys.stdout.write(show(line))
                     sys.stdout.flush()
                 else:
                     time.sleep(0.2)
