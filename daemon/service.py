@@ -690,20 +690,15 @@ class Daemon:
             nonlocal cursor
             while True:
                 changed = ws.changed
-                rows = await ws.store.events_after(cursor)
+                rows = await ws.store.events_with_messages(cursor)
                 if not rows:
                     await changed.wait()
                     continue
-                msg_ids = [
-                    json.loads(r["data"])["inbox_id"] for r in rows if r["kind"] == "message"
-                ]
-                inbox = await ws.store.inbox_by_ids(msg_ids)
                 surfaced = []
-                for r in rows:
+                for r, row in rows:
                     cursor = r["cursor"]
                     if kinds and r["kind"] not in kinds:
                         continue
-                    data = json.loads(r["data"])
                     if r["kind"] == "message":
                         # Session routing: a session key's mail goes only to that
                         # session; a session never sees its own sends echoed.
@@ -711,12 +706,13 @@ class Daemon:
                             continue
                         if my_key is not None and r["from_pubkey"] == my_key:
                             continue
-                        row = inbox.get(data["inbox_id"])
                         if row is None:
                             continue
                         data = message_view(row, ws, row["id"])
                         if session is not None:
                             surfaced.append(row["id"])
+                    else:
+                        data = json.loads(r["data"])
                     await conn.send(
                         ipc.Event(sub=sub_id, cursor=r["cursor"], kind=r["kind"], data=data)
                     )

@@ -127,9 +127,24 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(connection)`` in the store's thread slot."""
-        return await trio.to_thread.run_sync(fn, self._db, limiter=self._limiter)
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``fn(connection)`` in the store's thread slot.
+
+        ``durable=False`` commits without waiting for fsync (``synchronous=NORMAL``):
+        only for changes whose loss on power failure is harmless because they
+        are redone (claiming rows, recording broker acks that a resend gets again).
+        """
+        if durable:
+            return await trio.to_thread.run_sync(fn, self._db, limiter=self._limiter)
+
+        def relaxed(db: sqlite3.Connection) -> T:
+            db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return fn(db)
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+
+        return await trio.to_thread.run_sync(relaxed, self._db, limiter=self._limiter)
 
     # ------------------------------------------------------------ outbox
 
@@ -181,12 +196,23 @@ class Store:
 
         return await self.run(job)
 
-    async def take_due(self, now: int, limit: int = 64) -> list[dict[str, Any]]:
-        """Claim due ``pending`` rows (mark them ``inflight``) and return them."""
+    async def take_due(
+        self, now: int, limit: int = 64, lease_ms: int = 30_000
+    ) -> list[dict[str, Any]]:
+        """Claim due ``pending`` rows (mark them ``inflight``) and return them.
+
+        An ``inflight`` row holds a lease of ``lease_ms`` in ``next_attempt_at``;
+        a row whose ack never came is pending again once its lease is over.
+        """
 
         def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
             db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute(
+                    "UPDATE outbox SET state='pending', last_error='no ack from the broker' "
+                    "WHERE state='inflight' AND next_attempt_at<=?",
+                    (now,),
+                )
                 rows = [
                     dict(r)
                     for r in db.execute(
@@ -196,9 +222,9 @@ class Store:
                     )
                 ]
                 db.executemany(
-                    "UPDATE outbox SET state='inflight', attempts=attempts+1 "
+                    "UPDATE outbox SET state='inflight', attempts=attempts+1, next_attempt_at=? "
                     "WHERE client_message_id=?",
-                    [(r["client_message_id"],) for r in rows],
+                    [(now + lease_ms, r["client_message_id"]) for r in rows],
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -206,31 +232,40 @@ class Store:
                 raise
             return rows
 
-        return await self.run(job)
+        return await self.run(job, durable=False)
 
     async def next_due_at(self) -> int | None:
         def job(db: sqlite3.Connection) -> int | None:
-            r = db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'")
+            r = db.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state IN ('pending','inflight')"
+            )
             v = r.fetchone()[0]
             return int(v) if v is not None else None
 
         return await self.run(job)
 
-    async def mark_sent(self, cmid: str, broker_message_id: str, at: int) -> list[dict[str, Any]]:
-        """The broker acked: row ``done``; recipients still ``accepted`` become ``sent``."""
+    async def mark_sent(self, acks: list[tuple[str, str]], at: int) -> int:
+        """The broker acked ``(client id, broker id)`` pairs: rows ``done``, recipients ``sent``.
 
-        def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
+        Not fsynced: if lost, the row is sent again and the broker's dedupe
+        answers with the same broker id.
+        """
+
+        def job(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
+            done = 0
             try:
-                n = db.execute(
-                    "UPDATE outbox SET state='done', broker_message_id=?, last_error=NULL "
-                    "WHERE client_message_id=? AND state IN ('inflight','pending')",
-                    (broker_message_id, cmid),
-                ).rowcount
-                changed = []
-                if n:
+                for cmid, bmid in acks:
+                    n = db.execute(
+                        "UPDATE outbox SET state='done', broker_message_id=?, last_error=NULL "
+                        "WHERE client_message_id=? AND state IN ('inflight','pending')",
+                        (bmid, cmid),
+                    ).rowcount
+                    if not n:
+                        continue
+                    done += 1
                     changed = [
-                        dict(r)
+                        r[0]
                         for r in db.execute(
                             "SELECT recipient_pubkey FROM receipts "
                             "WHERE client_message_id=? AND state='accepted'",
@@ -242,13 +277,13 @@ class Store:
                         "WHERE client_message_id=? AND state='accepted'",
                         (at, cmid),
                     )
-                    for r in changed:
+                    for pk in changed:
                         _add_event(
                             db,
                             "receipt",
                             {
                                 "client_message_id": cmid,
-                                "recipient_pubkey": r["recipient_pubkey"],
+                                "recipient_pubkey": pk,
                                 "state": "sent",
                                 "at": at,
                             },
@@ -258,9 +293,9 @@ class Store:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return changed
+            return done
 
-        return await self.run(job)
+        return await self.run(job, durable=False)
 
     async def mark_retry(self, cmid: str, error: str, next_at: int) -> None:
         def job(db: sqlite3.Connection) -> None:
@@ -270,7 +305,7 @@ class Store:
                 (error, next_at, cmid),
             )
 
-        await self.run(job)
+        await self.run(job, durable=False)
 
     async def mark_dead(self, cmid: str, reason: str, at: int) -> None:
         def job(db: sqlite3.Connection) -> None:
@@ -414,44 +449,53 @@ class Store:
 
         return await self.run(job)
 
-    async def record_receipt(
-        self, cmid: str, recipient: str, state: str, at: int, reason: str | None
-    ) -> bool:
-        """Record a broker receipt; returns True when it advanced the recipient."""
+    async def record_receipts(self, items: list[tuple[str, str, str, int, str | None]]) -> int:
+        """Record broker receipts ``(cmid, recipient, state, at, reason)`` in one transaction.
 
-        def job(db: sqlite3.Connection) -> bool:
+        Only forward moves are kept; returns how many advanced a recipient.
+        """
+
+        def job(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
+            moved = 0
             try:
-                r = db.execute(
-                    "SELECT state FROM receipts WHERE client_message_id=? AND recipient_pubkey=?",
-                    (cmid, recipient),
-                ).fetchone()
-                old = r["state"] if r is not None else None
-                if old is not None and not _advances(old, state):
-                    db.execute("COMMIT")
-                    return False
-                db.execute(
-                    "INSERT INTO receipts VALUES (?,?,?,?,?) "
-                    "ON CONFLICT(client_message_id, recipient_pubkey) DO UPDATE SET "
-                    "state=excluded.state, at=excluded.at, reason=excluded.reason",
-                    (cmid, recipient, state, at, reason),
-                )
-                data: dict[str, Any] = {
-                    "client_message_id": cmid,
-                    "recipient_pubkey": recipient,
-                    "state": state,
-                    "at": at,
-                }
-                if reason:
-                    data["reason"] = reason
-                _add_event(db, "receipt", data, at=at)
+                for cmid, recipient, state, at, reason in items:
+                    r = db.execute(
+                        "SELECT state FROM receipts "
+                        "WHERE client_message_id=? AND recipient_pubkey=?",
+                        (cmid, recipient),
+                    ).fetchone()
+                    if r is not None and not _advances(r["state"], state):
+                        continue
+                    db.execute(
+                        "INSERT INTO receipts VALUES (?,?,?,?,?) "
+                        "ON CONFLICT(client_message_id, recipient_pubkey) DO UPDATE SET "
+                        "state=excluded.state, at=excluded.at, reason=excluded.reason",
+                        (cmid, recipient, state, at, reason),
+                    )
+                    data: dict[str, Any] = {
+                        "client_message_id": cmid,
+                        "recipient_pubkey": recipient,
+                        "state": state,
+                        "at": at,
+                    }
+                    if reason:
+                        data["reason"] = reason
+                    _add_event(db, "receipt", data, at=at)
+                    moved += 1
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return True
+            return moved
 
         return await self.run(job)
+
+    async def record_receipt(
+        self, cmid: str, recipient: str, state: str, at: int, reason: str | None
+    ) -> bool:
+        """Record one receipt; True when it advanced the recipient."""
+        return await self.record_receipts([(cmid, recipient, state, at, reason)]) == 1
 
     # ------------------------------------------------------------- inbox
 
@@ -594,6 +638,27 @@ class Store:
                     "SELECT * FROM events WHERE cursor>? ORDER BY cursor LIMIT ?", (cursor, limit)
                 )
             ]
+
+        return await self.run(job)
+
+    async def events_with_messages(
+        self, cursor: int, limit: int = 256
+    ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """Events after ``cursor``, each ``message`` event with its inbox row (one job)."""
+
+        def job(db: sqlite3.Connection) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+            out: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+            for r in db.execute(
+                "SELECT * FROM events WHERE cursor>? ORDER BY cursor LIMIT ?", (cursor, limit)
+            ).fetchall():
+                ev = dict(r)
+                row = None
+                if ev["kind"] == "message":
+                    inbox_id = json.loads(ev["data"])["inbox_id"]
+                    m = db.execute("SELECT * FROM inbox WHERE id=?", (inbox_id,)).fetchone()
+                    row = dict(m) if m is not None else None
+                out.append((ev, row))
+            return out
 
         return await self.run(job)
 

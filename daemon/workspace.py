@@ -200,6 +200,9 @@ class Workspace:
         self._changed = trio.Event()
         self._connected = trio.Event()
         self._counter = 0
+        self._pending_acks: list[wire.Ack] = []
+        self._pending_receipts: list[wire.Receipt] = []
+        self._batch_ready = trio.Event()
         self.cancel_scope = trio.CancelScope()
         #: Test hook: store pushes but never ack them, to show that a crash
         #: between the inbox commit and the ack still yields one inbox row.
@@ -295,6 +298,8 @@ class Workspace:
                 log.exception("link %s failed", self.name)
             finally:
                 self._ws = None
+                self._pending_acks.clear()
+                self._pending_receipts.clear()
                 if self._connected.is_set():
                     self._connected = trio.Event()
                 for w in self._waiters.values():
@@ -324,6 +329,7 @@ class Workspace:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keepalive, ws)
                 nursery.start_soon(self._pump_outbox)
+                nursery.start_soon(self._commit_batches)
                 nursery.start_soon(self._on_connected)
                 await self._read_loop(ws)
                 nursery.cancel_scope.cancel()
@@ -529,9 +535,9 @@ class Workspace:
             "received_at": now_ms(),
         }
         await self.store.inbox_insert(msg, session_target)
+        self.notify()
         # Stored (or already stored): only now may the broker forget it.
         await self._client_ack(broker_message_id=frame.message_id)
-        self.notify()
 
     async def _client_ack(self, **kw: str) -> None:
         if self.hold_acks and "broker_message_id" in kw:
@@ -540,16 +546,43 @@ class Workspace:
             await self.send_frame(wire.ClientAck(**kw))
 
     async def _receipt(self, frame: wire.Receipt) -> None:
-        cmid = frame.client_message_id
-        if not cmid:
-            cmid = await self._cmid_for(frame.message_id)
-        if cmid and frame.recipient_pubkey:
-            await self.store.record_receipt(
-                cmid, frame.recipient_pubkey, frame.state, frame.at or now_ms(), frame.reason
-            )
+        self._pending_receipts.append(frame)
+        self._batch_ready.set()
+
+    async def _commit_batches(self) -> None:
+        """Record broker acks and receipts in batches: one transaction for many frames.
+
+        Anything not yet committed when the link drops is redone: unrecorded
+        acks leave rows inflight (resent, deduped by the broker), unrecorded
+        receipts were never acked (the broker sends them again).
+        """
+        while True:
+            await self._batch_ready.wait()
+            self._batch_ready = trio.Event()
+            acks, self._pending_acks = self._pending_acks, []
+            receipts, self._pending_receipts = self._pending_receipts, []
+            ok = [
+                (f.client_message_id or f.id, f.message_id)
+                for f in acks
+                if f.queued and f.message_id
+            ]
+            if ok:
+                await self.store.mark_sent(ok, now_ms())
+            for f in acks:
+                if not (f.queued and f.message_id):
+                    err = f.error or wire.ErrorInfo(code=errors.INTERNAL, message="not queued")
+                    await self._send_failed(f.client_message_id or f.id, err.code, err.message)
+            items: list[tuple[str, str, str, int, str | None]] = []
+            for r in receipts:
+                cmid = r.client_message_id or await self._cmid_for(r.message_id)
+                if cmid and r.recipient_pubkey:
+                    items.append((cmid, r.recipient_pubkey, r.state, r.at or now_ms(), r.reason))
+            if items:
+                await self.store.record_receipts(items)
             self.notify()
-        if frame.receipt_id:
-            await self._client_ack(receipt_id=frame.receipt_id)
+            for r in receipts:
+                if r.receipt_id:
+                    await self._client_ack(receipt_id=r.receipt_id)
 
     async def _cmid_for(self, broker_message_id: str) -> str | None:
         def job(db: Any) -> str | None:
@@ -613,13 +646,8 @@ class Workspace:
         )
 
     async def _ack(self, frame: wire.Ack) -> None:
-        cmid = frame.client_message_id or frame.id
-        if frame.queued and frame.message_id:
-            await self.store.mark_sent(cmid, frame.message_id, now_ms())
-            self.notify()
-            return
-        err = frame.error or wire.ErrorInfo(code=errors.INTERNAL, message="send not queued")
-        await self._send_failed(cmid, err.code, err.message)
+        self._pending_acks.append(frame)
+        self._batch_ready.set()
 
     async def _send_failed(self, cmid: str, code: str, message: str) -> None:
         reason = f"{code}: {message}" if message else code

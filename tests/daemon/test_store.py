@@ -63,7 +63,7 @@ async def test_sent_then_receipts_advance_only_forward(tmp_path: Path) -> None:
     s = Store(tmp_path / "s.db")
     await s.accept(row("m1"))
     await s.take_due(now_ms())
-    await s.mark_sent("m1", "b1", now_ms())
+    assert await s.mark_sent([("m1", "b1")], now_ms()) == 1
     rec = await s.get_receipts("m1")
     assert [r["state"] for r in rec] == ["sent"]
     assert await s.record_receipt("m1", "ab" * 32, "surfaced", now_ms(), None)
@@ -148,4 +148,19 @@ async def test_inbox_unique_on_broker_id_and_event_in_same_tx(tmp_path: Path) ->
 async def test_files_are_private(tmp_path: Path) -> None:
     s = Store(tmp_path / "s.db")
     assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600
+    s.close()
+
+
+async def test_inflight_without_ack_returns_after_its_lease(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    await s.accept(row("m1"))
+    t0 = now_ms()
+    assert len(await s.take_due(t0, lease_ms=1000)) == 1
+    assert await s.take_due(t0 + 999, lease_ms=1000) == []
+    assert await s.next_due_at() == t0 + 1000
+    again = await s.take_due(t0 + 1000, lease_ms=1000)
+    assert [r["attempts"] for r in again] == [1]  # counted when taken: now 2 in the store
+    r = await s.get_outbox("m1")
+    assert r is not None
+    assert r["attempts"] == 2
     s.close()
