@@ -56,7 +56,8 @@ def send(
     no_start
         Do not start the daemon if it is not running.
     """
-    body = sys.stdin.read() if text == "-" else text
+    # `echo hi | claudemesh send bob -`: the pipe's final newline is not part of the message.
+    body = sys.stdin.read().removesuffix("\n") if text == "-" else text
     if not body:
         raise UsageError("The message is empty.")
     if timeout <= 0:
@@ -106,7 +107,7 @@ def _message_line(m: dict[str, Any], now: int) -> str:
     who = clean(m.get("from_name") or short_key(m.get("from_pubkey")))
     when = ago(m.get("created_at"), now)
     topic = f" #{m['topic']}" if m.get("topic") else ""
-    return f"{marker} {when:>8}  {who}{topic}: {clean(m.get('body', ''))}"
+    return f"{marker} {when:>8}  {who}{topic}: {clean(m.get('body', ''))}".rstrip()
 
 
 def inbox(
