@@ -542,15 +542,19 @@ def run_demo(*, keep: bool = False, json: bool = False, out: TextIO | None = Non
                 print(f"--- last lines of the {child.name} log ---\n{tail}", file=sys.stderr)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old)
         if not (keep and finished):
-            # Ctrl-C while cleaning up would leave orphans: finish first.
+            # A second Ctrl-C or SIGTERM while cleaning up would leave
+            # orphans: finish the clean-up first (it is bounded by deadlines).
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:
                 _stop_all(children, users)
                 shutil.rmtree(workdir, ignore_errors=True)
             finally:
                 signal.signal(signal.SIGINT, old_int)
+                signal.signal(signal.SIGTERM, old)
+        else:
+            signal.signal(signal.SIGTERM, old)
             if finished:
                 n.say()
                 n.say("Cleaned up: both daemons and the broker are stopped, temporary files gone.")

@@ -142,7 +142,11 @@ def _read_until(proc: subprocess.Popen[bytes], needle: str, deadline_s: float) -
     return seen.decode()
 
 
-def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "code", "said"),
+    [(signal.SIGINT, 130, b"Interrupted"), (signal.SIGTERM, 143, b"Terminated")],
+)
+def test_interrupt_stops_everything(tmp_path: Path, sig: int, code: int, said: bytes) -> None:
     proc = subprocess.Popen(
         [os.fspath(CLAUDEMESH), "demo"],
         stdout=subprocess.PIPE,
@@ -155,10 +159,10 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         pids = _pids(seen)
         assert len(pids) == 3
         assert all(_ours(p) for p in pids)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, f"{seen}{rest.decode()}\n{err.decode()}"
-        assert b"Interrupted" in err
+        assert proc.returncode == code, f"{seen}{rest.decode()}\n{err.decode()}"
+        assert said in err
         assert _wait_gone(pids) == []
         assert not _workdir(seen).exists()
     finally:
