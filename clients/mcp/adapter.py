@@ -219,7 +219,7 @@ class Adapter:
         self.session_id = session_id
         self.settle_s = settle_s
         self.bind_wait_s = bind_wait_s
-        self.claude_pid = os.getppid() if claude_pid is None else claude_pid
+        self.claude_pid = paths.claude_pid() if claude_pid is None else claude_pid
         self.initialized = trio.Event()
         self.ready = trio.Event()
         self.cursors: dict[str, int] = {}
@@ -344,6 +344,7 @@ class Adapter:
                     **ident,
                 )
                 self.session_id = self.session_id or reg.get("session_id")
+                self._publish_session_id()
                 params: dict[str, Any] = {"workspace": name, "kinds": ["message", "peer"]}
                 if self.session_id:
                     params["session_id"] = self.session_id
@@ -359,6 +360,18 @@ class Adapter:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, receive, subs)
                 await conn.pump()
+
+    def _publish_session_id(self) -> None:
+        """Tell the status hooks which session id to report for (best effort)."""
+        target = paths.adapter_session_file(self.home, self.claude_pid)
+        try:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(_json_encoder.encode({"session_id": self.session_id}))
+            tmp.chmod(0o600)
+            tmp.replace(target)
+        except OSError as exc:
+            log.info("could not write %s: %s", target, exc)
 
     async def _forward(
         self, events: trio.MemoryReceiveChannel[ipc.Event], subs: dict[int, str]
