@@ -217,3 +217,27 @@ def test_workspace_checks() -> None:
 )
 def test_clock_skew(offset_ms: int, status: str) -> None:
     assert _statuses(_ws(server_time_offset_ms=offset_ms))["workspace team clock"] == status
+
+
+def test_claude_code_registration_is_checked(short_tmp: Path) -> None:
+    home = short_tmp / "h"
+    env = dict(os.environ, CLAUDEMESH_HOME=os.fspath(home), HOME=os.fspath(short_tmp))
+    # Keep any real `claude` command off PATH: install would hand it the config.
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if not (Path(p) / "claude").exists()
+    )
+    _, report = doctor_json(home)
+    assert by_name(report)["claude code"]["status"] == "warn"
+    subprocess.run(
+        [os.fspath(CLAUDEMESH), "install"], env=env, capture_output=True, timeout=60, check=True
+    )
+    _, report = doctor_json(home)
+    assert by_name(report)["claude code"]["status"] == "ok", report
+    skill = short_tmp / ".claude" / "skills" / "claudemesh" / "SKILL.md"
+    skill.unlink()
+    rc, report = doctor_json(home)
+    check = by_name(report)["claude code"]
+    assert rc == 1
+    assert check["status"] == "fail"
+    assert "skill" in check["message"]
+    assert "claudemesh install" in check["hint"]
