@@ -131,7 +131,11 @@ def serve(
                         tmp.write_text(str(broker.port))
                         tmp.replace(port_file)
                     async for signum in signals:
-                        log("stopping", signal=signal.Signals(signum).name)
+                        log(
+                            "stopping",
+                            signal=signal.Signals(signum).name,
+                            **broker.statistics(),
+                        )
                         nursery.cancel_scope.cancel()
                         break
         finally:

@@ -37,6 +37,7 @@ from typing import Any, Final, Generic, TypeVar, cast
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from wsproto.events import TextMessage
 
 from claudemesh.shared.protocol import crypto, errors, ids, wire
 from claudemesh.shared.protocol.errors import RemoteProtocolError
@@ -260,6 +261,8 @@ class Broker:
             "acks": 0,
             "errors": 0,
             "batches": 0,
+            "batched_sends": 0,
+            "ack_batches": 0,
         }
 
     def statistics(self) -> dict[str, int]:
@@ -293,6 +296,7 @@ class Broker:
                     handler_nursery=nursery,
                     max_message_size=self.config.max_frame,
                     message_queue_size=64,
+                    receive_buffer_size=65536,
                     task_status=task_status,
                 )
             )
@@ -337,12 +341,23 @@ class Broker:
                     await ws.aclose()
 
     async def _writer(self, conn: Conn, recv: trio.MemoryReceiveChannel[Outgoing]) -> None:
+        """Write queued frames in order, many per socket write when they pile up."""
         try:
             async for item in recv:
+                texts: list[str] = []
+                while not isinstance(item, _Close):
+                    texts.append(item)
+                    if len(texts) >= 256:
+                        break
+                    try:
+                        item = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                if texts:
+                    await _send_texts(conn.ws, texts)
                 if isinstance(item, _Close):
                     await conn.ws.aclose(item.code, item.reason)
                     break
-                await conn.ws.send_message(item)
         except ConnectionClosed:
             pass
         conn.cancel.cancel()
@@ -1078,6 +1093,7 @@ class Broker:
                 SendOutcome(error=(errors.INTERNAL, "the broker could not store this send"))
             ] * len(batch)
         self.stats["batches"] += 1
+        self.stats["batched_sends"] += len(batch)
         for p, out in zip(batch, outcomes, strict=True):
             conn = p.conn
             assert conn.send_slots is not None
@@ -1209,6 +1225,7 @@ class Broker:
 
     async def _commit_acks(self, batch: list[tuple[Conn, str | None, str | None]]) -> None:
         now = now_ms()
+        self.stats["ack_batches"] += 1
         deliveries: list[tuple[str, str, str, str | None, str | None]] = []
         receipts: dict[str, list[str]] = {}
         for conn, message_id, other in batch:
@@ -1289,6 +1306,34 @@ class Broker:
                 if res.receipts:
                     log("expired", rows=len(res.receipts))
             await trio.sleep(self.config.sweep_interval)
+
+
+async def _send_texts(ws: WebSocketConnection, texts: list[str]) -> None:
+    """Send text messages with one socket write.
+
+    trio-websocket writes each message with its own syscall, which dominates
+    the broker's CPU under load; this frames them with the connection's own
+    wsproto state and writes them at once, under its send lock.  Falls back
+    to the public API if those internals are not there.
+    """
+    proto = getattr(ws, "_wsproto", None)
+    stream = getattr(ws, "_stream", None)
+    lock = getattr(ws, "_stream_lock", None)
+    if len(texts) == 1 or proto is None or stream is None or lock is None:
+        for t in texts:
+            await ws.send_message(t)
+        return
+    if ws.closed is not None:
+        raise ConnectionClosed(ws.closed)
+    data = b"".join(proto.send(TextMessage(data=t)) for t in texts)
+    async with lock:
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            abort = getattr(ws, "_abort_web_socket", None)
+            if abort is not None:
+                await abort()
+            raise ConnectionClosed(ws.closed) from None
 
 
 def _trace(exc: BaseException) -> str:

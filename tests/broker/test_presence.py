@@ -54,6 +54,7 @@ async def test_peers_list_online_offline_and_status(tmp_path: Path) -> None:
             await bb.send(wire.SetStatus(status="working"))
             await bb.send(wire.SetSummary(summary="fixing tests"))
             await bb.send(wire.JoinGroup(name="ops", role="lead"))
+            await peers(bb)  # bob's frames are processed in order before this reply
             listed = {p.display_name: p for p in await peers(a)}
             assert set(listed) == {"alice", "bob", "carol"}
             assert listed["alice"].online
