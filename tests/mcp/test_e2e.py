@@ -273,3 +273,58 @@ async def test_official_sdk_client_gets_exactly_one_channel_notification(
             mesh.send("sentinel")
             nxt = await channel.receive.receive()
             assert nxt.content == "sentinel"  # nothing repeated in between
+
+
+# ---- the hooks against the real daemon ------------------------------------------------
+
+
+def run_hook(home: Path, event: str, data: dict[str, Any]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "claudemesh.clients.mcp.hook", event],
+        input=json.dumps(data).encode(),
+        env={**os.environ, "CLAUDEMESH_HOME": str(home)},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout == b""
+
+
+def session_status(home: Path, session_id: str) -> str | None:
+    for p in call(home, "peer.list")["peers"]:
+        if p.get("session_id") == session_id:
+            return str(p.get("status"))
+    return None
+
+
+async def test_sessionstart_binds_the_claude_session_and_status_hooks_report(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # The hook runs first, as Claude Code does; both are children of this process.
+    await trio.to_thread.run_sync(
+        run_hook, mesh.bob.home, "session-start", {"session_id": "claude-s-1", "cwd": "/w"}
+    )
+    env = {k: v for k, v in mesh.env("unused").items() if k != "CLAUDEMESH_SESSION_ID"}
+    err = tmp_path / "adapter.err"
+    async with trio.open_nursery() as nursery:
+        raw = await start_adapter(nursery, env, err)
+        await raw.handshake()
+        await wait_subscribed(err)
+        assert b"as session claude-s-1" in err.read_bytes()
+        for event, status in (("prompt-submit", "working"), ("stop", "idle")):
+            await trio.to_thread.run_sync(
+                run_hook, mesh.bob.home, event, {"session_id": "claude-s-1"}
+            )
+            await trio.to_thread.run_sync(
+                partial(
+                    wait_for,
+                    lambda s=status: session_status(mesh.bob.home, "claude-s-1") == s,
+                    timeout=15,
+                    what=f"session {status}",
+                )
+            )
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        with trio.fail_after(10):
+            assert await raw.proc.wait() == 0
