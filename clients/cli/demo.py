@@ -553,11 +553,11 @@ def run_demo(*, keep: bool = False, json: bool = False, out: TextIO | None = Non
             finally:
                 signal.signal(signal.SIGINT, old_int)
                 signal.signal(signal.SIGTERM, old)
-        else:
-            signal.signal(signal.SIGTERM, old)
             if finished:
                 n.say()
                 n.say("Cleaned up: both daemons and the broker are stopped, temporary files gone.")
+        else:
+            signal.signal(signal.SIGTERM, old)
     if keep:
         _keep_instructions(n, report, workdir)
     n.say("Demo finished.")
