@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_FAILED, EXIT_USAGE, CliError
@@ -202,6 +201,8 @@ def _lazy(app: App, target: str, name: str, **kw: Any) -> None:
     Verbs that other areas provide (mcp, install, demo, doctor) appear only
     once their module is there, so help and completion never break on them.
     """
+    from importlib.util import find_spec
+
     module = target.partition(":")[0]
     try:
         present = find_spec(module) is not None

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
-from xml.sax.saxutils import escape
 
 import claudemesh
 
@@ -101,6 +100,10 @@ def render_systemd(python: str, home: str, log: str) -> str:
 
 def render_launchd(python: str, home: str, log: str) -> str:
     """The launchd agent with interpreter, home and log path filled in."""
+    # Imported here: xml.sax.saxutils pulls in urllib.request, ~15 ms that the
+    # autostart path (which imports this module) should not pay.
+    from xml.sax.saxutils import escape
+
     for value, what in ((python, "interpreter"), (home, "CLAUDEMESH_HOME"), (log, "log")):
         _check_path(value, what)
     text = (templates_dir() / "launchd" / LAUNCHD_PLIST).read_text()
