@@ -133,6 +133,18 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
+def _save_or_drop(path: Path, data: dict[str, Any]) -> bool:
+    """For uninstall: a config left as ``{}`` (only we had put anything in it) is removed."""
+    if data or not path.exists():
+        return _save(path, data)
+    try:
+        shutil.copy2(path, path.with_name(path.name + ".claudemesh.bak"))
+        path.unlink()
+    except OSError as exc:
+        raise InstallError(f"cannot remove {path}: {exc.strerror}") from None
+    return True
+
+
 def _save(path: Path, data: dict[str, Any] | None, text: str | None = None) -> bool:
     """Write ``data`` (or ``text``) if it differs; back up the old file first."""
     new = text if text is not None else json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -271,7 +283,7 @@ def _unregister_server(t: Targets, scope: Scope) -> bool:
     claude = _claude_cli(scope)
     if claude is not None and _run_claude(claude, "remove", "--scope", scope, SERVER_NAME):
         return True
-    return _save(t.mcp_config, unmerge_mcp(_load(t.mcp_config)))
+    return _save_or_drop(t.mcp_config, unmerge_mcp(_load(t.mcp_config)))
 
 
 # ---- verbs ------------------------------------------------------------------------------
@@ -336,7 +348,7 @@ def uninstall(*, scope: Scope = "user", json: bool = False) -> None:
     try:
         if _unregister_server(t, scope):
             changed.append(str(t.mcp_config))
-        if t.settings.exists() and _save(t.settings, unmerge_settings(_load(t.settings))):
+        if t.settings.exists() and _save_or_drop(t.settings, unmerge_settings(_load(t.settings))):
             changed.append(str(t.settings))
         if t.skill.exists():
             if t.skill.read_text(encoding="utf-8") == SKILL:

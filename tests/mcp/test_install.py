@@ -115,8 +115,9 @@ def test_install_into_an_empty_home_and_back(home: Path) -> None:
     assert set(read_json(home / ".claude.json")) == {"mcpServers"}
     assert (home / ".claude" / "settings.json").stat().st_mode & 0o777 == 0o600
     inst.uninstall()
-    assert read_json(home / ".claude.json") == {}
-    assert read_json(home / ".claude" / "settings.json") == {}
+    assert not (home / ".claude.json").exists()
+    assert not (home / ".claude" / "settings.json").exists()
+    assert not (home / ".claude" / "skills" / "claudemesh").exists()
 
 
 def test_a_changed_skill_is_kept(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,7 +155,7 @@ def test_project_scope(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (project / ".claude" / "settings.json").exists()
     assert not (home / ".claude.json").exists()
     inst.uninstall(scope="project")
-    assert read_json(project / ".mcp.json") == {}
+    assert not (project / ".mcp.json").exists()
 
 
 def test_check_reports_problems_for_doctor(home: Path) -> None:
