@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -415,7 +416,7 @@ class Daemon:
             sealed=sealed,
             signature=sig,
         )
-        reply = await _broker(ws.request(frame, rid))
+        reply = await _broker(ws.request(frame, rid, wait_link_s=10.0))
         if isinstance(reply, wire.Error):
             raise _broker_error(reply.code, reply.message)
         link = invites.InviteLink(ws.cfg.broker_url, ws.cfg.mesh_id, invite_id, secret)
@@ -470,12 +471,10 @@ class Daemon:
             return to, "topic", []
         low = to.lower()
         if wire.is_pubkey_hex(low):
-            try:
-                crypto.ed25519_pk_to_x25519(bytes.fromhex(low))
-            except CryptoError:
+            if not _is_valid_point(low):
                 raise ApiError(
                     ipc.INVALID_PARAMS, f"param `to`: {low} is not a valid ed25519 public key"
-                ) from None
+                )
             name = next((p["display_name"] for p in ws.peers if p["pubkey"] == low), "")
             return low, "direct", [{"pubkey": low, "display_name": name}]
         if len(low) >= 4 and all(c in "0123456789abcdef" for c in low):
@@ -878,6 +877,15 @@ def _broker_error(code: str, message: str) -> ApiError:
         errors.FORBIDDEN: "only a workspace admin can do that",
     }.get(code)
     return ApiError(code, text or f"the broker refused: {message or code}", broker_message=message)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_valid_point(pubkey_hex: str) -> bool:
+    try:
+        crypto.ed25519_pk_to_x25519(bytes.fromhex(pubkey_hex))
+    except CryptoError:
+        return False
+    return True
 
 
 def _default_display_name() -> str:

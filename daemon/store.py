@@ -20,6 +20,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -116,6 +117,8 @@ class Store:
         )
         self._db.row_factory = sqlite3.Row
         self._limiter = trio.CapacityLimiter(1)
+        self._accept_queue: list[tuple[dict[str, Any], _Slot]] = []
+        self._accepting = False
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -152,39 +155,40 @@ class Store:
         """Commit a new outbox row, or report the stored one.
 
         Returns ``("new", row)``, ``("duplicate", stored)`` (same fingerprint)
-        or ``("conflict", stored)``.
+        or ``("conflict", stored)``.  Returns only once the row is on disk.
+
+        Group commit: accepts that arrive while a commit is running are
+        written together in the next transaction (one fsync for all), so
+        concurrent clients do not queue one fsync each.  The committing task
+        is shielded: a cancelled caller never strands the others.
         """
-
-        def job(db: sqlite3.Connection) -> tuple[str, dict[str, Any]]:
-            db.execute("BEGIN IMMEDIATE")
+        slot = _Slot()
+        self._accept_queue.append((row, slot))
+        if not self._accepting:
+            self._accepting = True
             try:
-                cur = db.execute(
-                    "SELECT * FROM outbox WHERE client_message_id=?", (row["client_message_id"],)
-                )
-                old = cur.fetchone()
-                if old is not None:
-                    db.execute("COMMIT")
-                    stored = dict(old)
-                    same = stored["fingerprint"] == row["fingerprint"]
-                    return ("duplicate" if same else "conflict", stored)
-                cols = ",".join(row)
-                marks = ",".join("?" for _ in row)
-                db.execute(f"INSERT INTO outbox ({cols}) VALUES ({marks})", tuple(row.values()))
-                recips = json.loads(row["recipients"])
-                db.executemany(
-                    "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,NULL)",
-                    [
-                        (row["client_message_id"], r["pubkey"], "accepted", row["created_at"])
-                        for r in recips
-                    ],
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return ("new", row)
-
-        return await self.run(job)
+                with trio.CancelScope(shield=True):
+                    while self._accept_queue:
+                        batch, self._accept_queue = self._accept_queue, []
+                        try:
+                            results = await self.run(
+                                partial(_accept_job, rows=[r for r, _ in batch])
+                            )
+                        except Exception as exc:
+                            for _, sl in batch:
+                                sl.error = exc
+                                sl.done.set()
+                            continue
+                        for (_, sl), res in zip(batch, results, strict=True):
+                            sl.result = res
+                            sl.done.set()
+            finally:
+                self._accepting = False
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
 
     async def reset_inflight(self) -> int:
         """At start-up (and on link loss) every ``inflight`` row returns to ``pending``."""
@@ -701,6 +705,50 @@ class Store:
             )
 
         await self.run(job)
+
+
+class _Slot:
+    """One caller's place in a group commit."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: tuple[str, dict[str, Any]] | None = None
+        self.error: Exception | None = None
+
+
+def _accept_job(
+    db: sqlite3.Connection, rows: list[dict[str, Any]]
+) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for row in rows:
+            old = db.execute(
+                "SELECT * FROM outbox WHERE client_message_id=?", (row["client_message_id"],)
+            ).fetchone()
+            if old is not None:
+                stored = dict(old)
+                same = stored["fingerprint"] == row["fingerprint"]
+                out.append(("duplicate" if same else "conflict", stored))
+                continue
+            cols = ",".join(row)
+            marks = ",".join("?" for _ in row)
+            db.execute(f"INSERT INTO outbox ({cols}) VALUES ({marks})", tuple(row.values()))
+            db.executemany(
+                "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,NULL)",
+                [
+                    (row["client_message_id"], r["pubkey"], "accepted", row["created_at"])
+                    for r in json.loads(row["recipients"])
+                ],
+            )
+            out.append(("new", row))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return out
 
 
 def _advances(old: str, new: str) -> bool:

@@ -380,8 +380,17 @@ class Workspace:
         async with self._send_lock:
             await ws.send_message(wire.encode_frame(frame).decode())
 
-    async def request(self, frame: wire.Frame, req_id: str) -> wire.Frame:
-        """Send ``frame`` and wait for the frame answering ``req_id``."""
+    async def request(
+        self, frame: wire.Frame, req_id: str, *, wait_link_s: float = 0.0
+    ) -> wire.Frame:
+        """Send ``frame`` and wait for the frame answering ``req_id``.
+
+        ``wait_link_s``: how long to wait for a link that is (re)connecting,
+        so a request right after ``workspace.create`` or a restart succeeds.
+        """
+        if self._ws is None and wait_link_s > 0:
+            with trio.move_on_after(wait_link_s):
+                await self._connected.wait()
         w = _Waiter()
         self._waiters[req_id] = w
         try:

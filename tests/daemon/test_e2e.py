@@ -31,7 +31,6 @@ def wait_connected(home: Path, ws: str = "team") -> None:
 def setup_pair(url: str, a: Path, b: Path, *, name: str = "team") -> dict[str, Any]:
     """A creates ``name``, invites, B joins; both linked. Returns B's workspace."""
     call(a, "workspace.create", name=name, broker_url=url, display_name="alice")
-    wait_connected(a, name)
     inv = call(a, "invite.create", workspace=name)
     ws = call(b, "workspace.join", link=inv["link"], display_name="bob")["workspace"]
     wait_connected(b, name)

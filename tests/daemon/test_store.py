@@ -164,3 +164,24 @@ async def test_inflight_without_ack_returns_after_its_lease(tmp_path: Path) -> N
     assert r is not None
     assert r["attempts"] == 2
     s.close()
+
+
+async def test_concurrent_accepts_group_commit_with_per_caller_answers(tmp_path: Path) -> None:
+    import trio
+
+    s = Store(tmp_path / "s.db")
+    results: dict[str, str] = {}
+
+    async def one(cmid: str, fp: str) -> None:
+        results[f"{cmid}/{fp}"] = (await s.accept(row(cmid, fp=fp)))[0]
+
+    async with trio.open_nursery() as n:
+        for i in range(20):
+            n.start_soon(one, f"m{i}", "a")
+        n.start_soon(one, "m0", "b")  # same id, other request, in the same burst
+    assert sum(v == "new" for v in results.values()) == 20
+    assert results["m0/b"] in ("conflict", "new")
+    if results["m0/b"] == "new":
+        assert results["m0/a"] == "conflict"
+    assert len(await s.list_outbox(None)) == 20
+    s.close()
