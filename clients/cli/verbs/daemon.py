@@ -91,6 +91,12 @@ def _wait_gone(home: Path, pid: int | None) -> bool:
 
 def _alive(pid: int) -> bool:
     try:
+        # Our own child (started by this very process) stays a zombie until reaped.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
