@@ -264,3 +264,39 @@ def test_documented_commands_exist() -> None:
             continue
         problems += [f"{' '.join(verb)}: no option {o}" for o in opts if o not in text]
     assert not problems, "\n".join(problems)
+
+
+def test_a_failing_block_fails_and_its_daemons_are_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    block = Block(
+        Path("x.md"),
+        1,
+        "sh",
+        'claudemesh daemon start\ncat "$CLAUDEMESH_HOME/daemon.lock" > pid.txt\nfalse\n',
+        True,
+    )
+    work_pids: list[int] = []
+    real_rmtree = shutil.rmtree
+
+    def keep_pid(path: Path, ignore_errors: bool = False) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            work_pids.append(int((Path(path) / "pid.txt").read_text().split()[0]))
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", keep_pid)
+    result = run_block(block)
+    monkeypatch.undo()
+    assert result.returncode == 1
+    assert len(work_pids) == 1
+    assert not _alive(work_pids[0])
+
+
+def test_scripts_demo_is_the_one_line_setup() -> None:
+    script = ROOT / "scripts" / "demo"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", os.fspath(script)], check=True, timeout=10)
+    text = script.read_text()
+    assert "-m venv .venv" in text
+    assert "pip install" in text
+    assert text.rstrip().endswith('.venv/bin/claudemesh demo "$@"')
