@@ -58,6 +58,7 @@ def test_offline_recipient_gets_it_exactly_once_and_secrets_stay_home(
 ) -> None:
     with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
         bob = setup_pair(broker.url, a.home, b.home)
+        secret = call(a.home, "invite.create")["link"].split("#", 1)[1]
         b.stop()
         sent = call(
             a.home, "message.send", to="bob", body="canary-body-7f3a", client_message_id="m-1"
@@ -86,6 +87,13 @@ def test_offline_recipient_gets_it_exactly_once_and_secrets_stay_home(
         dump = "\n".join(sqlite3.connect(broker.db_path).iterdump())
         assert "canary-body-7f3a" not in dump
         assert root_key not in dump
+        assert secret not in dump
+        # ...and the daemons never logged a secret either.
+        for h in (a.home, b.home):
+            logs = "".join(p.read_text() for p in (h / "logs").glob("daemon.log*"))
+            assert root_key not in logs
+            assert secret not in logs
+            assert "canary-body-7f3a" not in logs
 
 
 def test_idempotency_over_the_socket(short_tmp: Path, broker: BrokerProc) -> None:
@@ -206,3 +214,30 @@ def test_one_broker_down_does_not_hold_back_another(short_tmp: Path) -> None:
             timeout_s=40,
         )
         assert [m["body"] for m in inbox(b.home, workspace="one")] == ["later"]
+
+
+def test_workspace_list_use_leave(short_tmp: Path, broker: BrokerProc) -> None:
+    with run_daemon(short_tmp / "a") as a:
+        call(a.home, "workspace.create", name="one", broker_url=broker.url)
+        call(a.home, "workspace.create", name="two", broker_url=broker.url)
+        with pytest.raises(DaemonError) as ei:
+            call(a.home, "workspace.create", name="two", broker_url=broker.url)
+        assert ei.value.code == "conflict"
+        listed = call(a.home, "workspace.list")
+        assert listed["default"] == "one"
+        assert sorted(w["name"] for w in listed["workspaces"]) == ["one", "two"]
+        assert call(a.home, "workspace.use", name="two") == {"default": "two"}
+        assert call(a.home, "daemon.status")["default_workspace"] == "two"
+        assert (a.home / "sockets" / "two.sock").exists()
+        call(a.home, "workspace.leave", name="two")
+        assert [w["name"] for w in call(a.home, "workspace.list")["workspaces"]] == ["one"]
+        assert not (a.home / "workspaces" / "two").exists()
+        wait_for(lambda: not (a.home / "sockets" / "two.sock").exists(), what="socket gone")
+        # The only one left is the default again for scoped calls.
+        assert call(a.home, "outbox.list") == {"rows": []}
+        with pytest.raises(DaemonError) as ei:
+            call(a.home, "workspace.use", name="two")
+        assert ei.value.code == "not_found"
+        # Survives a restart.
+        a.restart()
+        assert [w["name"] for w in call(a.home, "workspace.list")["workspaces"]] == ["one"]

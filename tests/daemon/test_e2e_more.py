@@ -174,8 +174,15 @@ def test_broadcast_is_end_to_end_encrypted(short_tmp: Path, broker: BrokerProc) 
         run_daemon(short_tmp / "c") as c,
     ):
         setup_pair(broker.url, a.home, b.home)
+        peers = IpcClient.open(b.home)
+        peers.request("subscribe", kinds=["peer"])
         inv = call(a.home, "invite.create")
         call(c.home, "workspace.join", link=inv["link"], display_name="carol")
+        ev = peers.next_event(timeout=15)
+        peers.close()
+        assert ev.kind == "peer"
+        assert ev.data["event"] in ("peer_joined", "peer_returned")
+        assert ev.data["name"] == "carol"
         wait_for(lambda: len(call(a.home, "peer.list")["peers"]) >= 3, what="three peers")
         r = call(a.home, "message.send", to="*", body="canary-all-91c2")
         assert sorted(x["display_name"] for x in r["recipients"]) == ["bob", "carol"]
