@@ -430,9 +430,14 @@ def _setup(n: Narrator, report: Report, workdir: Path, children: list[Child]) ->
 
 
 def _shorten(link: str) -> str:
-    # The secret sits in the fragment after '#': keep it off the screen.
+    """The link for the narration: ids abbreviated, and the secret (after '#') hidden."""
     head, sep, _ = link.partition("#")
-    return f"{head}#…" if sep else link
+    path, _, _query = head.partition("?")
+    prefix = "claudemesh://join/"
+    if path.startswith(prefix):
+        ids = path[len(prefix) :].split("/")
+        path = prefix + "/".join(f"{i[:8]}…" if len(i) > 12 else i for i in ids)
+    return f"{path}?broker=…#<secret>" if sep else path
 
 
 def _tour(n: Narrator, report: Report, workdir: Path, children: list[Child]) -> list[User]:
