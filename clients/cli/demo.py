@@ -1,6 +1,6 @@
 """``claudemesh demo``: a self-contained tour of the real pieces on this machine.
 
-It starts a real broker subprocess (loopback, free port, temporary SQLite
+It starts a real broker subprocess (loopback, a port the OS picks, temporary SQLite
 file) and two real daemons (Alice and Bob, each in a temporary
 ``CLAUDEMESH_HOME``), then drives them only through the daemon's local API
 (docs/ipc.md), exactly as the CLI does: create a workspace, invite Bob through
@@ -122,6 +122,8 @@ class Child:
                 start_new_session=True,
                 close_fds=True,
                 env=self.env,
+                # Homes and the broker database hold keys and metadata.
+                umask=0o077,
             )
         finally:
             os.close(fd)
