@@ -130,12 +130,14 @@ async def wait_subscribed(stderr_path: Path) -> None:
             await trio.sleep(0.02)
 
 
-async def start_adapter(nursery: trio.Nursery, env: dict[str, str], stderr_path: Path) -> RawClient:
+async def start_adapter(
+    nursery: trio.Nursery, env: dict[str, str], stderr_path: Path, argv: list[str] = ADAPTER
+) -> RawClient:
     with open(stderr_path, "ab") as err:  # noqa: ASYNC230 - a local log file
         proc = await nursery.start(
             partial(
                 trio.run_process,
-                ADAPTER,
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -324,6 +326,31 @@ async def test_sessionstart_binds_the_claude_session_and_status_hooks_report(
                     what=f"session {status}",
                 )
             )
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        with trio.fail_after(10):
+            assert await raw.proc.wait() == 0
+
+
+async def test_the_command_install_registers_is_what_runs(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from claudemesh.clients.mcp import install
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", os.defpath)  # no `claude` CLI: the file is edited
+    install.install()
+    entry = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["claudemesh"]
+    err = tmp_path / "adapter.err"
+    async with trio.open_nursery() as nursery:
+        raw = await start_adapter(
+            nursery, mesh.env("s-installed"), err, [entry["command"], *entry["args"]]
+        )
+        reply = await raw.handshake()
+        assert reply["result"]["serverInfo"]["name"] == "claudemesh"
+        await wait_subscribed(err)
+        mesh.send("via the installed command")
+        assert_channel(await raw.recv(), "via the installed command")
         assert raw.proc.stdin is not None
         await raw.proc.stdin.aclose()
         with trio.fail_after(10):

@@ -215,10 +215,15 @@ def test_the_claude_cli_is_used_when_present(home: Path, tmp_path: Path) -> None
 # ---- the hook commands ---------------------------------------------------------------
 
 
-def run_hook(home: Path, event: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+def run_hook(
+    home: Path, event: str, stdin: bytes, *, shell: bool = False
+) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "CLAUDEMESH_HOME": str(home)}
+    argv = [sys.executable, "-m", inst.HOOK_MARK, event]
+    if shell:  # as Claude Code runs it; `; exit` keeps sh from exec-ing python
+        argv = ["sh", "-c", " ".join(argv) + '; exit "$?"']
     return subprocess.run(
-        [sys.executable, "-m", inst.HOOK_MARK, event],
+        argv,
         input=stdin,
         env=env,
         capture_output=True,
@@ -227,10 +232,11 @@ def run_hook(home: Path, event: str, stdin: bytes) -> subprocess.CompletedProces
     )
 
 
-def test_session_start_hook_binds_the_claude_session(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shell", [False, True])
+def test_session_start_hook_binds_the_claude_session(tmp_path: Path, shell: bool) -> None:
     cm_home = tmp_path / "cm"
     data = {"session_id": "4f1c-uuid", "cwd": "/work/x", "source": "resume"}
-    done = run_hook(cm_home, "session-start", json.dumps(data).encode())
+    done = run_hook(cm_home, "session-start", json.dumps(data).encode(), shell=shell)
     assert done.returncode == 0
     assert done.stdout == b""
     bind = paths.session_bind_file(cm_home, os.getpid())
