@@ -202,6 +202,19 @@ def test_keep_leaves_it_running_and_the_printed_commands_work(tmp_path: Path) ->
         )
         assert shown.returncode == 0, shown.stderr
         assert "The link is in the PR description" in shown.stdout
+        # And doctor finds the kept installation healthy.
+        alice_home = re.search(r"CLAUDEMESH_HOME=(\S+/alice)\b", out)
+        assert alice_home, out
+        checked = subprocess.run(
+            [os.fspath(CLAUDEMESH), "doctor", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(_env(tmp_path), CLAUDEMESH_HOME=alice_home.group(1)),
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stdout
+        assert json.loads(checked.stdout)["ok"] is True
         stop = lines[lines.index("Stop it all when done:") + 1].strip()
         done = subprocess.run(
             ["bash", "-c", stop], capture_output=True, text=True, timeout=60, check=False
