@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import signal
 import sys
 import time
@@ -73,6 +74,7 @@ async def _run(home: Home) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon in the foreground; returns the process exit code."""
     t0 = time.monotonic()
+    os.umask(0o077)  # everything the daemon creates is private to the user
     home = Home(default_home())
     try:
         home.ensure()

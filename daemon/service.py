@@ -212,7 +212,11 @@ class Daemon:
                 "param `name` must be 1-32 of a-z, 0-9, '-', '_', starting with a letter or digit",
             )
         if name in self.workspaces:
-            raise ApiError(ipc.CONFLICT, f"a workspace named {name!r} already exists")
+            raise ApiError(
+                ipc.CONFLICT,
+                f"a workspace named {name!r} already exists here; pick another local name "
+                "(param `name`)",
+            )
 
     async def _add(self, cfg: WorkspaceConfig) -> dict[str, Any]:
         self.home.save_workspace(cfg)
@@ -563,7 +567,17 @@ class Daemon:
 
     async def m_send(self, conn: IpcConn, params: dict[str, Any]) -> Any:
         ws = self.workspace_for(conn, params)
-        row, _ = self._send_row(ws, params, conn)
+        try:
+            row, _ = self._send_row(ws, params, conn)
+        except ApiError as exc:
+            if exc.code != ipc.NOT_FOUND or ws.link_state != "connected":
+                raise
+            # A member who joined since our last peer list: ask the broker once.
+            try:
+                await ws.refresh_peers()
+            except (LinkDown, BrokerRefused):
+                raise exc from None
+            row, _ = self._send_row(ws, params, conn)
         outcome, stored = await ws.store.accept(row)
         if outcome == "conflict":
             raise ApiError(

@@ -59,3 +59,14 @@ def test_sigterm_and_stop_request_exit_cleanly(short_tmp: Path) -> None:
         assert d.proc.wait(timeout=15) == 0
     finally:
         d.kill()
+
+
+def test_everything_created_is_private(short_tmp: Path) -> None:
+    with run_daemon(short_tmp / "h") as d:
+        call(d.home, "daemon.status")
+        for p in d.home.rglob("*"):
+            mode = p.stat().st_mode & 0o777
+            if p.is_dir():
+                assert mode == 0o700, p
+            else:
+                assert mode & 0o077 == 0, (p, oct(mode))
