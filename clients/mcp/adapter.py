@@ -72,7 +72,15 @@ _json_decoder: Final = msgspec.json.Decoder()
 
 
 class AdapterError(Exception):
-    """Root of this package's errors: the daemon link failed and will be retried."""
+    """Root of the adapter's errors."""
+
+
+class LinkDown(AdapterError):
+    """The daemon link failed; it is retried with backoff."""
+
+
+class StdoutClosed(AdapterError):
+    """Claude Code stopped reading us: nothing left to do but exit."""
 
 
 def _meta(**values: object) -> dict[str, str]:
@@ -175,7 +183,7 @@ class _DaemonConn:
         while not self._frames:
             data = await self._stream.receive_some(65536)
             if not data:
-                raise AdapterError("the daemon closed the connection")
+                raise LinkDown("the daemon closed the connection")
             self._frames.extend(self._buf.feed(data))
         return ipc.decode_ipc(self._frames.pop(0))
 
@@ -188,10 +196,10 @@ class _DaemonConn:
                 await self._events.send(frame)
             elif isinstance(frame, ipc.Reply) and frame.id == self._next_id:
                 if frame.error is not None:
-                    raise AdapterError(f"{method}: {frame.error.code}: {frame.error.message}")
+                    raise LinkDown(f"{method}: {frame.error.code}: {frame.error.message}")
                 return frame.result
             elif isinstance(frame, ipc.Error):
-                raise AdapterError(f"daemon error {frame.code}: {frame.message}")
+                raise LinkDown(f"daemon error {frame.code}: {frame.message}")
 
     async def pump(self) -> None:
         while True:
@@ -234,7 +242,10 @@ class Adapter:
         # Shielded so a cancelled link never leaves half a line on stdout.
         with trio.CancelScope(shield=True):
             async with self._lock:
-                await self._stdout.send_all(_json_encoder.encode(msg) + b"\n")
+                try:
+                    await self._stdout.send_all(_json_encoder.encode(msg) + b"\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise StdoutClosed("stdout is closed") from exc
 
     async def handle_line(self, line: bytes, nursery: trio.Nursery) -> None:
         if not line.strip():
@@ -258,7 +269,13 @@ class Adapter:
         self.ready.set()
 
     async def serve(self, stdin: trio.abc.ReceiveStream) -> None:
-        """Answer JSON-RPC on stdin and run the daemon link until stdin closes."""
+        """Answer JSON-RPC on stdin and run the daemon link until stdin or stdout closes."""
+        try:
+            await self._serve(stdin)
+        except* StdoutClosed:
+            log.info("stdout closed; exiting")
+
+    async def _serve(self, stdin: trio.abc.ReceiveStream) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.run_daemon_link)
             buf = b""
@@ -303,7 +320,7 @@ class Adapter:
         while True:
             try:
                 await self._link_once()
-            except* (OSError, AdapterError, ProtocolError) as group:
+            except* (OSError, LinkDown, ProtocolError, trio.BrokenResourceError) as group:
                 log.info("daemon link down (%s); retrying in %.2fs", group.exceptions[0], delay)
             if self._linked:
                 delay = BACKOFF_FIRST_S  # it worked until now: the daemon is restarting
@@ -327,11 +344,11 @@ class Adapter:
             )
             welcome = await conn.recv()
             if not isinstance(welcome, ipc.Welcome):
-                raise AdapterError(f"daemon refused the hello: {welcome}")
+                raise LinkDown(f"daemon refused the hello: {welcome}")
             listed = await conn.call("workspace.list")
             names = [str(w["name"]) for w in listed.get("workspaces", [])]
             if not names:
-                raise AdapterError("no workspace joined yet")
+                raise LinkDown("no workspace joined yet")
             subs: dict[int, str] = {}
             for name in names:
                 ident = {"session_id": self.session_id} if self.session_id else {}

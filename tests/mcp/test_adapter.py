@@ -319,3 +319,15 @@ async def test_no_binding_lets_the_daemon_name_the_session(fake_daemon: Any) -> 
         assert "session_id" not in register
         assert fake_daemon.subscribes()[0]["session_id"] == "made-by-daemon"
         await h.stdin_send.aclose()
+
+
+async def test_stdout_closed_ends_serve_quietly(fake_daemon: Any) -> None:
+    h = Harness(fake_daemon.home, session_id="s1", settle_s=0)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.adapter.serve, h.stdin_recv)
+            await h.handshake()
+            await wait_until(lambda: fake_daemon.subscribes())
+            await h.stdout_recv.aclose()  # Claude Code went away
+            fake_daemon.message(body="nobody reads this")
+    assert h.adapter.statistics()["pushed"] == 0
