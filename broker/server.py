@@ -33,17 +33,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, Generic, TypeVar, cast
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
-from wsproto.events import TextMessage
 
 from claudemesh.shared.protocol import crypto, errors, ids, wire
 from claudemesh.shared.protocol.errors import RemoteProtocolError
 
 from . import __version__
 from .store import DAY_MS, Delivery, Member, ReceiptRow, SendItem, SendOutcome, Store, StoreError
+from .ws import ConnectionClosed, WebSocket, accept
 
 I = TypeVar("I")  # noqa: E741
 
@@ -165,7 +165,7 @@ class _Inflight:
 class Conn:
     """One WebSocket connection and the presence it carries after hello."""
 
-    ws: WebSocketConnection
+    ws: WebSocket
     out: trio.MemorySendChannel[Outgoing]
     cancel: trio.CancelScope
     remote: str
@@ -287,20 +287,16 @@ class Broker:
             nursery.start_soon(self._acks.run)
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._sweep_loop)
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
+            listeners = await nursery.start(
+                partial(
+                    trio.serve_tcp,
                     self._handle,
-                    self.config.host,
                     self.config.port,
-                    None,
+                    host=self.config.host,
                     handler_nursery=nursery,
-                    max_message_size=self.config.max_frame,
-                    message_queue_size=64,
-                    receive_buffer_size=65536,
-                    task_status=task_status,
                 )
             )
-            self.port = server.port
+            self.port = listeners[0].socket.getsockname()[1]
             log(
                 "listening",
                 host=self.config.host,
@@ -309,19 +305,21 @@ class Broker:
             )
             task_status.started(self.port)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        if request.path.split("?")[0] != "/ws":
-            await request.reject(404, body=b"claudemesh broker: connect to /ws\n")
-            return
-        try:
-            ws = await request.accept()
-        except ConnectionClosed:
-            return
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(self.config.hello_timeout):
+                ws = await accept(stream, path="/ws", max_message=self.config.max_frame)
+            if ws is None:
+                return
+            await self._serve_ws(ws)
+
+    async def _serve_ws(self, ws: WebSocket) -> None:
         send, recv = trio.open_memory_channel[Outgoing](self.config.outgoing_buffer)
-        remote = str(ws.remote)
+        remote = ws.remote
+        conn = Conn(ws=ws, out=send, cancel=trio.CancelScope(), remote=remote)
         try:
             async with trio.open_nursery() as nursery:
-                conn = Conn(ws=ws, out=send, cancel=nursery.cancel_scope, remote=remote)
+                conn.cancel = nursery.cancel_scope
                 conn.last_heard = trio.current_time()
                 nursery.start_soon(self._writer, conn, recv)
                 try:
@@ -354,7 +352,7 @@ class Broker:
                     except trio.WouldBlock:
                         break
                 if texts:
-                    await _send_texts(conn.ws, texts)
+                    await conn.ws.send_texts(texts)
                 if isinstance(item, _Close):
                     await conn.ws.aclose(item.code, item.reason)
                     break
@@ -1306,34 +1304,6 @@ class Broker:
                 if res.receipts:
                     log("expired", rows=len(res.receipts))
             await trio.sleep(self.config.sweep_interval)
-
-
-async def _send_texts(ws: WebSocketConnection, texts: list[str]) -> None:
-    """Send text messages with one socket write.
-
-    trio-websocket writes each message with its own syscall, which dominates
-    the broker's CPU under load; this frames them with the connection's own
-    wsproto state and writes them at once, under its send lock.  Falls back
-    to the public API if those internals are not there.
-    """
-    proto = getattr(ws, "_wsproto", None)
-    stream = getattr(ws, "_stream", None)
-    lock = getattr(ws, "_stream_lock", None)
-    if len(texts) == 1 or proto is None or stream is None or lock is None:
-        for t in texts:
-            await ws.send_message(t)
-        return
-    if ws.closed is not None:
-        raise ConnectionClosed(ws.closed)
-    data = b"".join(proto.send(TextMessage(data=t)) for t in texts)
-    async with lock:
-        try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            abort = getattr(ws, "_abort_web_socket", None)
-            if abort is not None:
-                await abort()
-            raise ConnectionClosed(ws.closed) from None
 
 
 def _trace(exc: BaseException) -> str:
