@@ -398,7 +398,7 @@ class Adapter:
             ws = subs.get(ev.sub)
             if ws is None:
                 continue
-            if ev.kind == "message" and ev.cursor <= self.cursors.get(ws, -1):
+            if ev.cursor <= self.cursors.get(ws, -1):  # replayed: already pushed
                 self._stats["skipped_duplicates"] += 1
                 continue
             note = event_notification(ev.kind, ev.data, ws)
