@@ -255,7 +255,12 @@ async def test_official_sdk_client_gets_exactly_one_channel_notification(
     mesh: Mesh, tmp_path: Path
 ) -> None:
     channel = ClaudeChannel()
-    params = StdioServerParameters(command=ADAPTER[0], args=ADAPTER[1:], env=mesh.env("s-sdk"))
+    from claudemesh.clients.mcp.install import claudemesh_executable
+
+    # Exactly what Claude Code runs: `claudemesh mcp`.
+    params = StdioServerParameters(
+        command=claudemesh_executable(), args=["mcp"], env=mesh.env("s-sdk")
+    )
     err_path = tmp_path / "adapter.err"
     with open(err_path, "w") as err:  # noqa: ASYNC230 - a local log file
         async with Client(stdio_client(params, errlog=err), extensions=[channel]) as client:
