@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from claudemesh import __version__
 from claudemesh.shared.protocol.errors import ProtocolError
@@ -34,6 +33,11 @@ from claudemesh.shared.protocol.ipc import (
 
 from .errors import CliError, DaemonUnreachable, RequestFailed
 
+if TYPE_CHECKING:
+    # pathlib (with urllib.parse and ipaddress) costs ~3 ms per verb; the hot
+    # path works on strings and builds a Path only where one is asked for.
+    from pathlib import Path
+
 #: Bound on connect + hello; a daemon that cannot greet in this long is stuck.
 CONNECT_TIMEOUT_S: Final = 5.0
 #: Bound on an ordinary request (``message.wait`` adds its own timeout to it).
@@ -42,17 +46,23 @@ REQUEST_TIMEOUT_S: Final = 30.0
 RESTART_ADVICE: Final = "claudemesh daemon stop && claudemesh daemon start"
 
 
+def _home_str() -> str:
+    env = os.environ.get("CLAUDEMESH_HOME")
+    return os.path.expanduser(env) if env else os.path.join(os.path.expanduser("~"), ".claudemesh")
+
+
 def claudemesh_home() -> Path:
     """``$CLAUDEMESH_HOME``, else ``~/.claudemesh``."""
-    env = os.environ.get("CLAUDEMESH_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".claudemesh"
+    from pathlib import Path
+
+    return Path(_home_str())
 
 
 def control_socket_path(home: Path) -> Path:
     return home / "daemon.sock"
 
 
-def _connect_unix(sock: socket.socket, path: Path) -> None:
+def _connect_unix(sock: socket.socket, path: str | Path) -> None:
     """Connect even when ``path`` is longer than ``sun_path`` (~107 bytes).
 
     Deep homes (temporary folders, long user names) are common; on Linux we
@@ -62,9 +72,10 @@ def _connect_unix(sock: socket.socket, path: Path) -> None:
     if len(raw) < 100 or not os.path.isdir("/proc/self/fd"):
         sock.connect(raw)
         return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    parent, name = os.path.split(os.fspath(path))
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        sock.connect(f"/proc/self/fd/{fd}/{path.name}")
+        sock.connect(f"/proc/self/fd/{fd}/{name}")
     finally:
         os.close(fd)
 
@@ -80,7 +91,9 @@ class Connection:
         self.welcome = welcome
 
     @classmethod
-    def open(cls, path: Path, *, client: str = "cli", session_id: str | None = None) -> Connection:
+    def open(
+        cls, path: str | Path, *, client: str = "cli", session_id: str | None = None
+    ) -> Connection:
         """Connect to ``path`` and greet; raises ``OSError`` if nobody listens.
 
         ``api_mismatch`` (this CLI is newer than the daemon) becomes a
@@ -199,14 +212,16 @@ class Connection:
 
 def connect(home: Path | None = None, *, autostart: bool = True, client: str = "cli") -> Connection:
     """A greeted connection to the control socket, starting the daemon if needed."""
-    home = home if home is not None else claudemesh_home()
-    path = control_socket_path(home)
+    root = os.fspath(home) if home is not None else _home_str()
+    path = os.path.join(root, "daemon.sock")
     try:
         return Connection.open(path, client=client)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
     except OSError as exc:
         raise DaemonUnreachable(f"Cannot reach the daemon at {path}: {exc}.") from None
+    from pathlib import Path
+
     from .autostart import start_and_connect
 
-    return start_and_connect(home, autostart=autostart, client=client)
+    return start_and_connect(Path(root), autostart=autostart, client=client)
