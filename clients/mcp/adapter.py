@@ -108,6 +108,8 @@ def event_notification(kind: str, data: dict[str, Any], workspace: str) -> dict[
     elif kind == "peer":
         event = str(data.get("event", ""))
         name = data.get("name") or str(data.get("pubkey", ""))[:12]
+        if data.get("is_session"):
+            name = f"{name} (a Claude session)"
         verb = {"peer_joined": "joined", "peer_left": "left", "peer_returned": "is back in"}
         if event not in verb:
             return None
@@ -119,6 +121,7 @@ def event_notification(kind: str, data: dict[str, Any], workspace: str) -> dict[
                 workspace=workspace,
                 peer_name=data.get("name"),
                 peer_pubkey=data.get("pubkey"),
+                is_session="true" if data.get("is_session") else None,
             ),
         }
     else:
@@ -234,6 +237,7 @@ class Adapter:
         self.workspaces: list[str] = []
         self._stats = {"pushed": 0, "connects": 0, "skipped_duplicates": 0}
         self._linked = False
+        self._own_keys: set[str] = set()
 
     def statistics(self) -> dict[str, Any]:
         return {**self._stats, "cursors": dict(self.cursors), "ready": self.ready.is_set()}
@@ -361,6 +365,7 @@ class Adapter:
                     **ident,
                 )
                 self.session_id = self.session_id or reg.get("session_id")
+                self._own_keys.add(str(reg.get("session_pubkey", "")))
                 self._publish_session_id()
                 params: dict[str, Any] = {"workspace": name, "kinds": ["message", "peer"]}
                 if self.session_id:
@@ -401,7 +406,8 @@ class Adapter:
             if ev.cursor <= self.cursors.get(ws, -1):  # replayed: already pushed
                 self._stats["skipped_duplicates"] += 1
                 continue
-            note = event_notification(ev.kind, ev.data, ws)
+            own = ev.kind == "peer" and ev.data.get("pubkey") in self._own_keys
+            note = None if own else event_notification(ev.kind, ev.data, ws)
             with trio.CancelScope(shield=True):
                 if note is not None:
                     await self.write(note)

@@ -331,3 +331,25 @@ async def test_stdout_closed_ends_serve_quietly(fake_daemon: Any) -> None:
             await h.stdout_recv.aclose()  # Claude Code went away
             fake_daemon.message(body="nobody reads this")
     assert h.adapter.statistics()["pushed"] == 0
+
+
+def test_session_peer_events_are_labelled() -> None:
+    note = ad.event_notification(
+        "peer", {"event": "peer_returned", "pubkey": "ab", "name": "ann", "is_session": True}, "w"
+    )
+    assert note is not None
+    assert note["params"]["content"] == "ann (a Claude session) is back in workspace w."
+    assert note["params"]["meta"]["is_session"] == "true"
+
+
+async def test_own_session_presence_is_not_announced(fake_daemon: Any) -> None:
+    h = Harness(fake_daemon.home, session_id="s1", settle_s=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
+        await wait_until(lambda: fake_daemon.subscribes())
+        # The fake daemon gives every session the key "0".
+        fake_daemon.push("acme", "peer", {"event": "peer_joined", "pubkey": "0", "name": "me"})
+        fake_daemon.message(body="after")
+        assert (await h.recv())["params"]["content"] == "after"
+        await h.stdin_send.aclose()

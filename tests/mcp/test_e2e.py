@@ -360,3 +360,23 @@ async def test_the_command_install_registers_is_what_runs(
         await raw.proc.stdin.aclose()
         with trio.fail_after(10):
             assert await raw.proc.wait() == 0
+
+
+async def test_a_peer_joining_is_a_short_system_notice(mesh: Mesh, tmp_path: Path) -> None:
+    err = tmp_path / "adapter.err"
+    async with trio.open_nursery() as nursery:
+        raw = await start_adapter(nursery, mesh.env("s-peers"), err)
+        await raw.handshake()
+        await wait_subscribed(err)
+        with run_daemon(mesh.root / "c") as carol:
+            inv = call(mesh.alice.home, "invite.create")
+            call(carol.home, "workspace.join", link=inv["link"], display_name="carol")
+            note = await raw.recv()
+            assert note["params"]["content"] == "carol joined workspace team."
+            assert note["params"]["meta"]["kind"] == "system"
+            assert note["params"]["meta"]["event"] == "peer_joined"
+            assert all(isinstance(v, str) for v in note["params"]["meta"].values())
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        with trio.fail_after(10):
+            assert await raw.proc.wait() == 0
