@@ -165,7 +165,9 @@ def main() -> None:
         report: dict[str, Any] = {
             "runs": runs,
             "wall": {},
-            "child_cpu_p50_ms": {k: round(statistics.median(v), 1) for k, v in CPU.items()},
+            "child_cpu_p50_ms": {
+                k: round(statistics.median(v), 1) for k, v in CPU.items() if k in results
+            },
             "in_process": {},
             "importtime_total_ms": imports,
         }
