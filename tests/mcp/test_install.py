@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -259,3 +260,13 @@ def test_hooks_always_exit_0_and_stay_quiet(tmp_path: Path, event: str, stdin: b
     done = run_hook(tmp_path / "cm", event, stdin)
     assert done.returncode == 0
     assert done.stdout == b""
+
+
+def test_process_info_from_proc_and_from_ps_agree() -> None:
+    from claudemesh.clients.mcp.paths import _proc_info, _ps_info
+
+    me = _proc_info(os.getpid())
+    assert me is not None
+    assert me[1] == os.getppid()
+    if shutil.which("ps", path=os.defpath + ":/usr/bin:/bin"):
+        assert _ps_info(os.getpid()) == me  # the macOS path, checked here too
