@@ -29,7 +29,7 @@ from cmtest.daemon import DaemonProc, IpcClient, call, run_daemon, wait_for
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def ms(xs: list[float]) -> dict[str, float]:
@@ -157,6 +157,32 @@ def main() -> None:
                     d2d.append(time.perf_counter() - t0)
             out["daemon_to_daemon"] = ms(d2d)
             out["rss_after_load_mb"] = round(rss_mb(a.pid), 1)
+
+            # 4. The accept path alone: broker stopped, so nothing is forwarded
+            # while we measure (rows just queue in the outbox).
+            broker.stop()
+            wait_for(lambda: call(a.home, "daemon.status")["workspaces"][0]["link"] != "connected")
+            lat = []
+            with IpcClient.open(a.home, socket="bench") as c:
+                for i in range(args.n):
+                    t0 = time.perf_counter()
+                    c.request("message.send", to=to, body=f"offline {i}")
+                    lat.append(time.perf_counter() - t0)
+            out["accept_latency_link_down"] = ms(lat)
+            errors.clear()
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            dt = time.perf_counter() - t0
+            out["accepts_8_clients_link_down"] = {
+                "accepts": total,
+                "seconds": round(dt, 3),
+                "per_second": round(total / dt),
+                "errors": len(errors),
+            }
     if args.json:
         print(json.dumps(out, indent=1))
     else:

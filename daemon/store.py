@@ -200,16 +200,16 @@ class Store:
 
         return await self.run(job)
 
-    async def take_due(
+    async def claim(
         self, now: int, limit: int = 64, lease_ms: int = 30_000
-    ) -> list[dict[str, Any]]:
-        """Claim due ``pending`` rows (mark them ``inflight``) and return them.
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Claim due ``pending`` rows (mark them ``inflight``); also say when the next is due.
 
         An ``inflight`` row holds a lease of ``lease_ms`` in ``next_attempt_at``;
         a row whose ack never came is pending again once its lease is over.
         """
 
-        def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
+        def job(db: sqlite3.Connection) -> tuple[list[dict[str, Any]], int | None]:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
@@ -230,13 +230,21 @@ class Store:
                     "WHERE client_message_id=?",
                     [(now + lease_ms, r["client_message_id"]) for r in rows],
                 )
+                v = db.execute(
+                    "SELECT MIN(next_attempt_at) FROM outbox WHERE state IN ('pending','inflight')"
+                ).fetchone()[0]
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return rows
+            return rows, (int(v) if v is not None else None)
 
         return await self.run(job, durable=False)
+
+    async def take_due(
+        self, now: int, limit: int = 64, lease_ms: int = 30_000
+    ) -> list[dict[str, Any]]:
+        return (await self.claim(now, limit, lease_ms))[0]
 
     async def next_due_at(self) -> int | None:
         def job(db: sqlite3.Connection) -> int | None:

@@ -608,7 +608,7 @@ class Workspace:
     async def _pump_outbox(self) -> None:
         while True:
             self._wake_outbox = trio.Event()
-            rows = await self.store.take_due(now_ms())
+            rows, due = await self.store.claim(now_ms(), limit=64)
             for row in rows:
                 try:
                     frame = self._encrypt(row)
@@ -617,9 +617,8 @@ class Workspace:
                     self.notify()
                     continue
                 await self.send_frame(frame)
-            if rows:
+            if len(rows) == 64:
                 continue
-            due = await self.store.next_due_at()
             wait_s = 30.0 if due is None else max(0.0, (due - now_ms()) / 1000)
             with trio.move_on_after(min(wait_s, 30.0)):
                 await self._wake_outbox.wait()
