@@ -317,8 +317,30 @@ class Adapter:
             "no SessionStart binding for pid %d; the daemon will name the session", self.claude_pid
         )
 
+    async def capture_heads(self) -> None:
+        """Note each workspace's current cursor before waiting for the session id,
+        so a message arriving in the meantime is still pushed later."""
+        with trio.move_on_after(2):
+            try:
+                stream = await trio.open_unix_socket(str(paths.control_socket(self.home)))
+                async with stream:
+                    send, _receive = trio.open_memory_channel[ipc.Event](math.inf)
+                    conn = _DaemonConn(stream, send)
+                    await conn.send(ipc.Hello(client="mcp", client_version=__version__))
+                    if not isinstance(await conn.recv(), ipc.Welcome):
+                        return
+                    listed = await conn.call("workspace.list")
+                    for w in listed.get("workspaces", []):
+                        # A kind that never occurs: the reply's head is all we want.
+                        head = await conn.call("subscribe", workspace=w["name"], kinds=["-"])
+                        self.cursors.setdefault(str(w["name"]), int(head.get("cursor", 0)))
+            except* (OSError, LinkDown, ProtocolError, trio.BrokenResourceError):
+                pass  # no daemon yet: the first subscription starts from its head
+
     async def run_daemon_link(self) -> None:
         """Connect, register, subscribe, forward; on any failure back off and resume."""
+        if not self.session_id:
+            await self.capture_heads()
         await self.resolve_session_id()
         delay = BACKOFF_FIRST_S
         while True:

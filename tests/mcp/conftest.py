@@ -141,6 +141,10 @@ class FakeDaemon:
     def subscribes(self) -> list[dict[str, Any]]:
         return [p for m, p in self.requests if m == "subscribe"]
 
+    def live_subscribes(self) -> list[dict[str, Any]]:
+        """Subscriptions that stream (not the adapter's early look at the head)."""
+        return [p for p in self.subscribes() if p.get("kinds") != ["-"]]
+
 
 @pytest.fixture
 def short_home() -> Iterator[Path]:

@@ -305,8 +305,8 @@ async def test_session_id_comes_from_the_sessionstart_binding(fake_daemon: Any) 
     h.adapter.claude_pid = 4242
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
-        await wait_until(lambda: fake_daemon.subscribes())
-        assert fake_daemon.subscribes()[0]["session_id"] == "claude-uuid"
+        await wait_until(lambda: fake_daemon.live_subscribes())
+        assert fake_daemon.live_subscribes()[0]["session_id"] == "claude-uuid"
         await h.stdin_send.aclose()
 
 
@@ -314,10 +314,10 @@ async def test_no_binding_lets_the_daemon_name_the_session(fake_daemon: Any) -> 
     h = Harness(fake_daemon.home, settle_s=0, bind_wait_s=0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
-        await wait_until(lambda: fake_daemon.subscribes())
+        await wait_until(lambda: fake_daemon.live_subscribes())
         register = next(p for m, p in fake_daemon.requests if m == "session.register")
         assert "session_id" not in register
-        assert fake_daemon.subscribes()[0]["session_id"] == "made-by-daemon"
+        assert fake_daemon.live_subscribes()[0]["session_id"] == "made-by-daemon"
         await h.stdin_send.aclose()
 
 
@@ -352,4 +352,26 @@ async def test_own_session_presence_is_not_announced(fake_daemon: Any) -> None:
         fake_daemon.push("acme", "peer", {"event": "peer_joined", "pubkey": "0", "name": "me"})
         fake_daemon.message(body="after")
         assert (await h.recv())["params"]["content"] == "after"
+        await h.stdin_send.aclose()
+
+
+async def test_a_message_during_the_session_id_wait_is_not_lost(fake_daemon: Any) -> None:
+    from claudemesh.clients.mcp import paths
+
+    h = Harness(fake_daemon.home, settle_s=0, bind_wait_s=10)
+    h.adapter.claude_pid = 4343
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
+        await wait_until(lambda: fake_daemon.subscribes())  # the head, noted early
+        assert fake_daemon.subscribes()[0]["kinds"] == ["-"]
+        fake_daemon.message(body="while waiting for the hook")
+        bind = paths.session_bind_file(fake_daemon.home, 4343)
+        bind.parent.mkdir(mode=0o700, exist_ok=True)
+        bind.write_text(json.dumps({"session_id": "late-hook"}))
+        note = await h.recv()
+        assert note["params"]["content"] == "while waiting for the hook"
+        live = fake_daemon.subscribes()[1]
+        assert live["session_id"] == "late-hook"
+        assert live["cursor"] == 0
         await h.stdin_send.aclose()
