@@ -99,3 +99,45 @@ def test_completion_scripts(
     for word in ("workspace", "message", "peers", "daemon", "json", "no-start"):
         assert word in script
     assert run(["completion", "tcsh"]) == 2
+
+
+VERBS = [
+    "workspace create", "workspace join", "workspace list", "workspace use", "workspace leave",
+    "invite create", "peer list", "message send", "message inbox", "message status",
+    "status set", "summary set", "verify", "daemon run", "daemon start", "daemon stop",
+    "daemon status", "daemon logs", "daemon install", "daemon uninstall", "doctor",
+    "send", "peers", "inbox", "completion", "install", "uninstall", "demo",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_of_cli_md_is_registered(
+    verb: str, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--help resolves each lazy import path, so a typo in a target fails here."""
+    assert run([*verb.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"Usage: claudemesh {verb}" in out
+    if verb not in ("daemon run", "completion", "demo"):
+        assert "--json" in out or verb in ("install", "uninstall")
+
+
+def test_daemon_logs_render_and_json(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert run(["daemon", "logs"]) == 1
+    assert "No daemon log" in capsys.readouterr().err
+    logs = home / "logs"
+    logs.mkdir(parents=True)
+    (logs / "daemon.log").write_text(
+        '{"ts": 0, "level": "info", "logger": "claudemesh.daemon", "msg": "started"}\n'
+        "not json\n"
+        '{"ts": 1, "level": "warning", "logger": "claudemesh.link", "msg": "backoff"}\n'
+    )
+    assert run(["daemon", "logs", "--lines", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "not json"
+    assert out[1].endswith("warning claudemesh.link: backoff")
+    assert run(["daemon", "logs", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["msg"] for r in doc["records"]] == ["started", "not json", "backoff"]

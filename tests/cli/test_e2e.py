@@ -99,7 +99,7 @@ def broker(tmp_path: Path) -> Iterator[BrokerProc]:
 
 
 def test_two_users_end_to_end(broker: BrokerProc) -> None:
-    with users("alice", "bob") as (alice, bob):
+    with users("alice", "bob", "carol") as (alice, bob, carol):
         assert alice.run("peers", "--no-start", check=3).stderr.startswith("claudemesh: ")
 
         # The first verb starts the daemon in the background (autostart).
@@ -117,7 +117,11 @@ def test_two_users_end_to_end(broker: BrokerProc) -> None:
         joined = bob.json("workspace", "join", link, "--name", "bob")["workspace"]
         assert joined["mesh_id"] == created["mesh_id"]
         again = bob.run("workspace", "join", link, "--name", "bob2", check=1)
-        assert "Traceback" not in again.stderr
+        assert "Already a member" in again.stderr
+        used = carol.run("workspace", "join", link, "--name", "carol", check=1)
+        assert used.stderr == "claudemesh: This invite has been used up; ask for a new one.\n"
+        cut = carol.run("workspace", "join", link.split("#")[0], check=1)
+        assert "has no secret" in cut.stderr
 
         def sees(me: User, other: str) -> bool:
             peers = me.json("peer", "list")["peers"]

@@ -208,7 +208,16 @@ def format_log_line(line: str) -> str:
     return text + "\n"
 
 
-def logs(*, lines: int = 50, follow: bool = False, raw: bool = False) -> int:
+def _record(line: str) -> Any:
+    import json as jsonlib
+
+    try:
+        return jsonlib.loads(line)
+    except ValueError:
+        return {"msg": line.rstrip("\n")}
+
+
+def logs(*, lines: int = 50, follow: bool = False, raw: bool = False, json: bool = False) -> int:
     """Print the end of the daemon's log file.
 
     Parameters
@@ -219,6 +228,8 @@ def logs(*, lines: int = 50, follow: bool = False, raw: bool = False) -> int:
         Keep printing new lines until Ctrl-C.
     raw
         Print the JSON records as stored.
+    json
+        Print one JSON document ({path, records}); with --follow, one record per line.
     """
     from ..autostart import log_path, stderr_path
 
@@ -233,15 +244,24 @@ def logs(*, lines: int = 50, follow: bool = False, raw: bool = False) -> int:
             hint = f" The daemon's start-up output is in {stderr_path(home)}."
         raise CliError("no_logs", f"No daemon log at {path} yet.{hint}") from None
     with f:
-        for line in deque(f, maxlen=max(lines, 0)):
-            sys.stdout.write(show(line))
+        tail = deque(f, maxlen=max(lines, 0))
+        if json and not follow:
+            print_json({"path": os.fspath(path), "records": [_record(x) for x in tail]})
+            return 0
+        for line in tail:
+            if json:
+                print_json(_record(line))
+            else:
+                sys.stdout.write(show(line))
         sys.stdout.flush()
         if not follow:
             return 0
         try:
             while True:
                 line = f.readline()
-                if line:
+                if line and json:
+                    print_json(_record(line))
+                elif line:
                     sys.stdout.write(show(line))
                     sys.stdout.flush()
                 else:
