@@ -7,9 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from claudemesh.clients.mcp import adapter as ad
 
@@ -375,3 +378,39 @@ async def test_a_message_during_the_session_id_wait_is_not_lost(fake_daemon: Any
         assert live["session_id"] == "late-hook"
         assert live["cursor"] == 0
         await h.stdin_send.aclose()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+rpc_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "jsonrpc": st.just("2.0"),
+        "id": json_values,
+        "method": st.sampled_from(["initialize", "ping", "tools/list", "server/discover"])
+        | st.text(),
+        "params": json_values,
+        "result": json_values,
+    },
+)
+
+
+@given(msg=json_values | rpc_like)
+@settings(max_examples=300, deadline=None)
+def test_any_json_gets_an_answer_or_none_never_a_crash(msg: object) -> None:
+    reply = ad.rpc_response(msg)
+    if reply is not None:
+        json.dumps(reply)  # always encodable
+        assert ("result" in reply) != ("error" in reply)
+
+
+@given(line=st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_decode_or_raise_decode_error(line: bytes) -> None:
+    try:
+        ad._json_decoder.decode(line)
+    except msgspec.DecodeError:
+        pass
