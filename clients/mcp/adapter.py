@@ -19,6 +19,7 @@ any of them is broken):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -454,8 +455,15 @@ async def _amain() -> None:
         settle_s=_env_float(SETTLE_ENV, 3.0),
         bind_wait_s=_env_float(BIND_WAIT_ENV, 5.0),
     )
-    async with stdin, stdout:
-        await adapter.serve(stdin)
+    try:
+        async with stdin, stdout:
+            await adapter.serve(stdin)
+    finally:
+        # FdStream made the shared file descriptions non-blocking; a terminal
+        # (someone running `claudemesh mcp` by hand) must get them back as they were.
+        for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, True)
 
 
 def main() -> None:
