@@ -257,7 +257,7 @@ class Adapter:
             return
         try:
             msg = _json_decoder.decode(line)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises both
             await self.write(_error(None, -32700, "parse error"))
             return
         if isinstance(msg, dict) and msg.get("method") == "notifications/initialized":

@@ -218,7 +218,8 @@ async def test_garbage_lines_get_parse_errors_and_the_adapter_survives(fake_daem
     h = Harness(fake_daemon.home, session_id="s1", settle_s=0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
-        await h.stdin_send.send_all(b"{not json\n\xff\xfe\n[1,2]\n")
+        await h.stdin_send.send_all(b"{not json\n\xff\xfe\n\x80\n[1,2]\n")
+        assert (await h.recv())["error"]["code"] == -32700
         assert (await h.recv())["error"]["code"] == -32700
         assert (await h.recv())["error"]["code"] == -32700
         assert (await h.recv())["error"]["code"] == -32600
@@ -412,5 +413,5 @@ def test_any_json_gets_an_answer_or_none_never_a_crash(msg: object) -> None:
 def test_any_bytes_decode_or_raise_decode_error(line: bytes) -> None:
     try:
         ad._json_decoder.decode(line)
-    except msgspec.DecodeError:
-        pass
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        pass  # what handle_line turns into -32700
