@@ -349,6 +349,10 @@ class Adapter:
                 await self._link_once()
             except* (OSError, LinkDown, ProtocolError, trio.BrokenResourceError) as group:
                 log.info("daemon link down (%s); retrying in %.2fs", group.exceptions[0], delay)
+            except* (KeyError, AttributeError, TypeError, ValueError) as group:
+                # A reply of an unexpected shape: a daemon of another version, or a bug.
+                # The Claude session must keep running either way.
+                log.warning("unexpected daemon reply (%r); retrying", group.exceptions[0])
             if self._linked:
                 delay = BACKOFF_FIRST_S  # it worked until now: the daemon is restarting
             await trio.sleep(delay)

@@ -29,6 +29,7 @@ class FakeDaemon:
         self.log: list[tuple[int, str, str, dict[str, Any]]] = []  # cursor, ws, kind, data
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.replay_overlap = 0  # a sloppy daemon replays this many events too many
+        self.weird_replies = False  # a daemon of another version, or a buggy one
         self._subs: list[tuple[trio.MemorySendChannel[ipc.IpcFrame], int, str]] = []
         self._scope: trio.CancelScope | None = None
         self.connections = 0
@@ -120,6 +121,8 @@ class FakeDaemon:
         p = frame.params
         if frame.method == "workspace.list":
             result: Any = {"workspaces": [{"name": w} for w in self.workspaces]}
+            if self.weird_replies:
+                result = ["not", "a", "map"]
         elif frame.method == "session.register":
             result = {"session_id": p.get("session_id") or "made-by-daemon", "session_pubkey": "0"}
         elif frame.method == "subscribe":

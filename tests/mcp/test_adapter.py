@@ -415,3 +415,19 @@ def test_any_bytes_decode_or_raise_decode_error(line: bytes) -> None:
         ad._json_decoder.decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError):
         pass  # what handle_line turns into -32700
+
+
+async def test_replies_of_an_unexpected_shape_are_retried_not_fatal(fake_daemon: Any) -> None:
+    fake_daemon.weird_replies = True
+    h = Harness(fake_daemon.home, session_id="s1", settle_s=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
+        await wait_until(lambda: [m for m, _ in fake_daemon.requests].count("workspace.list") >= 2)
+        await h.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
+        assert await h.recv() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+        fake_daemon.weird_replies = False
+        await wait_until(lambda: fake_daemon.live_subscribes())
+        fake_daemon.message(body="fine again")
+        assert (await h.recv())["params"]["content"] == "fine again"
+        await h.stdin_send.aclose()
