@@ -142,6 +142,10 @@ def worker(
     for p in everyone:
         by_mesh.setdefault(p["mesh"], []).append(p["pk"])
 
+    go_event = trio.Event()
+    stop_event = trio.Event()
+    dialing = trio.Semaphore(32)  # handshakes in flight per load generator process
+
     async def peer(me: dict[str, Any], connected: Any) -> None:
         nonlocal sent
         key = crypto.KeyPair(bytes.fromhex(me["seed"]))
@@ -149,6 +153,7 @@ def worker(
         pending: dict[str, float] = {}
         window = trio.Semaphore(args["window"])
         local_pushes = 0
+        await dialing.acquire()
         async with open_websocket_url(url, max_message_size=4 * 1024 * 1024) as ws:
             ts = int(time.time() * 1000)
             hello = wire.Hello(
@@ -166,13 +171,17 @@ def worker(
             await ws.send_message(wire.encode_frame(hello).decode())
             first = wire.decode_frame(await ws.get_message())
             assert isinstance(first, wire.HelloAck), first
+            dialing.release()
             connected()
 
             async def reader() -> None:
                 nonlocal local_pushes
                 try:
                     while True:
-                        f = wire.decode_frame(await ws.get_message())
+                        msg = await ws.get_message()
+                        if '"subtype":"system"' in msg or '"type":"receipt"' in msg:
+                            continue  # presence noise and receipts: not measured
+                        f = wire.decode_frame(msg)
                         if isinstance(f, wire.Ack):
                             t0 = pending.pop(f.id, None)
                             if f.queued and t0 is not None:
@@ -228,7 +237,7 @@ def worker(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reader)
-                await trio.to_thread.run_sync(go.wait)
+                await go_event.wait()
                 if mode == "burst":
                     for n in range(args["messages"]):
                         await window.acquire()
@@ -241,7 +250,7 @@ def worker(
                         await trio.sleep_until(start + n * interval)
                         await window.acquire()
                         await send_one(n)
-                await trio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)
+                await stop_event.wait()
                 nursery.cancel_scope.cancel()
 
     async def main() -> None:
@@ -261,6 +270,10 @@ def worker(
                     await trio.sleep(0.05)
             await done.wait()
             ready.put(len(mine))
+            await trio.to_thread.run_sync(go.wait)
+            go_event.set()
+            await trio.to_thread.run_sync(stop.wait)
+            stop_event.set()
 
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     trio.run(main)
@@ -400,7 +413,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="paced duration / idle hold")
     ap.add_argument("--meshes", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="load generator processes")
-    ap.add_argument("--window", type=int, default=32, help="unacked sends per peer")
+    ap.add_argument(
+        "--window", type=int, default=1, help="unacked sends per peer (1: wait for each ack)"
+    )
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--verbose", action="store_true", help="print the broker's final stats")
     args = ap.parse_args()

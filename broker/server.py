@@ -42,7 +42,18 @@ from claudemesh.shared.protocol import crypto, errors, ids, wire
 from claudemesh.shared.protocol.errors import RemoteProtocolError
 
 from . import __version__
-from .store import DAY_MS, Delivery, Member, ReceiptRow, SendItem, SendOutcome, Store, StoreError
+from .store import (
+    DAY_MS,
+    Delivery,
+    HelloItem,
+    HelloResult,
+    Member,
+    ReceiptRow,
+    SendItem,
+    SendOutcome,
+    Store,
+    StoreError,
+)
 from .ws import ConnectionClosed, WebSocket, accept
 
 I = TypeVar("I")  # noqa: E741
@@ -232,7 +243,46 @@ class _Batcher(Generic[I]):
                     batch.append(self._recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self._fn(batch)
+            try:
+                await self._fn(batch)
+            except Exception as exc:  # keep batching; one bad batch must not stop the broker
+                log("internal_error", error=repr(exc), trace=_trace(exc))
+
+
+R = TypeVar("R")
+
+
+class _CallBatcher(Generic[I, R]):
+    """Like :class:`_Batcher`, but each caller awaits its own result."""
+
+    def __init__(self, fn: Callable[[list[I]], Awaitable[list[R]]], max_batch: int = 256) -> None:
+        self._fn = fn
+        self._batcher: _Batcher[tuple[I, list[R | BaseException], trio.Event]] = _Batcher(
+            self._run_batch, max_batch
+        )
+
+    async def call(self, item: I) -> R:
+        slot: list[R | BaseException] = []
+        done = trio.Event()
+        self._batcher.put((item, slot, done))
+        await done.wait()
+        value = slot[0]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    async def _run_batch(self, batch: list[tuple[I, list[R | BaseException], trio.Event]]) -> None:
+        try:
+            results: list[R | BaseException] = list(await self._fn([b[0] for b in batch]))
+        except Exception as exc:
+            log("store_error", error=repr(exc))
+            results = [StoreError(errors.INTERNAL, "the broker could not store this")] * len(batch)
+        for (_, slot, done), value in zip(batch, results, strict=True):
+            slot.append(value)
+            done.set()
+
+    async def run(self) -> None:
+        await self._batcher.run()
 
 
 class Broker:
@@ -253,6 +303,8 @@ class Broker:
         self._nursery: trio.Nursery | None = None
         self._sends: _Batcher[_PendingSend] = _Batcher(self._commit_sends)
         self._acks: _Batcher[tuple[Conn, str | None, str | None]] = _Batcher(self._commit_acks)
+        self._hellos: _CallBatcher[HelloItem, HelloResult] = _CallBatcher(self.store.hello_many)
+        self._seen: _Batcher[tuple[str, str]] = _Batcher(self._commit_seen)
         self.stats: dict[str, int] = {
             "sends": 0,
             "duplicates": 0,
@@ -285,6 +337,8 @@ class Broker:
             self._nursery = nursery
             nursery.start_soon(self._sends.run)
             nursery.start_soon(self._acks.run)
+            nursery.start_soon(self._hellos.run)
+            nursery.start_soon(self._seen.run)
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._sweep_loop)
             listeners = await nursery.start(
@@ -540,13 +594,6 @@ class Broker:
                 conn, errors.BAD_SIGNATURE, "this hello was already used (replay)", CLOSE_POLICY
             )
             return False
-        member = await self.store.get_member(h.member_id)
-        if member is None or member.mesh_id != h.mesh_id or member.pubkey != h.pubkey:
-            await self._refuse(conn, errors.UNAUTHORIZED, "not a member of this mesh", CLOSE_POLICY)
-            return False
-        if member.revoked_at is not None:
-            await self._refuse(conn, errors.REVOKED, "this member was revoked", CLOSE_REVOKED)
-            return False
         if (
             len(self.mesh_conns.get(h.mesh_id, ())) >= cfg.max_conns_per_mesh
             or self.total_conns >= cfg.max_conns_total
@@ -563,13 +610,18 @@ class Broker:
             return False
         self.seen_hellos[h.signature] = now + 2 * cfg.skew_ms
         self._hello_expiry.append((now + 2 * cfg.skew_ms, h.signature))
-        groups = [(g.name, g.role) for g in h.groups] if h.groups is not None else None
-        seen_before = member.last_seen_at is not None
-        await self.store.member_hello(member.id, device_id, groups, now)
-        if h.groups is None:
-            refreshed = await self.store.get_member(member.id)
-            if refreshed is not None:
-                member = refreshed
+        groups = tuple((g.name, g.role) for g in h.groups) if h.groups is not None else None
+        res = await self._hellos.call(
+            HelloItem(h.member_id, h.mesh_id, h.pubkey, device_id, groups, now)
+        )
+        if res.error == errors.REVOKED:
+            await self._refuse(conn, errors.REVOKED, "this member was revoked", CLOSE_REVOKED)
+            return False
+        if res.member is None:
+            await self._refuse(conn, errors.UNAUTHORIZED, "not a member of this mesh", CLOSE_POLICY)
+            return False
+        member = res.member
+        seen_before = res.seen_before
         conn.member = member
         conn.mesh_id = member.mesh_id
         conn.device_id = device_id
@@ -617,7 +669,7 @@ class Broker:
             event = "peer_returned" if seen_before and not others else "peer_joined"
             self._system(conn.mesh_id, event, self._member_event(conn), exclude=conn)
         self._open_stream(("m", member.id, device_id), conn)
-        for r in await self.store.pending_receipts(member.id, device_id):
+        for r in res.receipts:
             self._emit_receipt(conn, r)
         return True
 
@@ -1007,7 +1059,7 @@ class Broker:
                 self._session_info(conn, s),
                 self._session_event(conn, spk),
             )
-        await self.store.member_seen(member.id, conn.device_id, now_ms())
+        self._seen.put((member.id, conn.device_id))
 
     def _linger(
         self, key: tuple[str, str, str], mesh_id: str, info: wire.PeerInfo, data: dict[str, Any]
@@ -1220,6 +1272,12 @@ class Broker:
             self._acks.put((conn, f.broker_message_id, None))
         elif f.client_message_id is not None:
             self._acks.put((conn, None, "cmid:" + f.client_message_id))
+
+    async def _commit_seen(self, batch: list[tuple[str, str]]) -> None:
+        try:
+            await self.store.seen_many(batch, now_ms())
+        except Exception as exc:
+            log("store_error", error=repr(exc))
 
     async def _commit_acks(self, batch: list[tuple[Conn, str | None, str | None]]) -> None:
         now = now_ms()

@@ -200,6 +200,26 @@ class SendItem:
 
 
 @dataclass(frozen=True, slots=True)
+class HelloItem:
+    """A hello whose signature checked out; the store checks membership."""
+
+    member_id: str
+    mesh_id: str
+    pubkey: str
+    device_id: str
+    groups: tuple[tuple[str, str | None], ...] | None
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class HelloResult:
+    member: Member | None = None
+    seen_before: bool = False
+    receipts: tuple[ReceiptRow, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """A queue row joined with its message: everything a ``push`` needs."""
 
@@ -301,6 +321,8 @@ class Store(Protocol):
         now: int,
     ) -> None: ...
     async def member_seen(self, member_id: str, device_id: str, now: int) -> None: ...
+    async def hello_many(self, items: Sequence[HelloItem]) -> list[HelloResult]: ...
+    async def seen_many(self, items: Sequence[tuple[str, str]], now: int) -> None: ...
     async def set_groups(
         self, member_id: str, add: Sequence[tuple[str, str | None]], remove: Sequence[str]
     ) -> None: ...
@@ -570,6 +592,36 @@ class SqliteDB:
                     "INSERT OR REPLACE INTO member_groups (member_id, name, role) VALUES (?, ?, ?)",
                     [(member_id, g, r) for g, r in groups],
                 )
+
+    def hello_many(self, items: Sequence[HelloItem]) -> list[HelloResult]:
+        """Check and register a batch of hellos in one transaction."""
+        out: list[HelloResult] = []
+        with self._tx():
+            for it in items:
+                r = self.conn.execute(
+                    "SELECT * FROM members WHERE id = ?", (it.member_id,)
+                ).fetchone()
+                if r is None or r["mesh_id"] != it.mesh_id or r["pubkey"] != it.pubkey:
+                    out.append(HelloResult(error=errors.UNAUTHORIZED))
+                    continue
+                if r["revoked_at"] is not None:
+                    out.append(HelloResult(error=errors.REVOKED))
+                    continue
+                self.member_hello(it.member_id, it.device_id, it.groups, it.now)
+                member = self.get_member(it.member_id)
+                out.append(
+                    HelloResult(
+                        member=member,
+                        seen_before=r["last_seen_at"] is not None,
+                        receipts=tuple(self.pending_receipts(it.member_id, it.device_id)),
+                    )
+                )
+        return out
+
+    def seen_many(self, items: Sequence[tuple[str, str]], now: int) -> None:
+        with self._tx():
+            for member_id, device_id in items:
+                self.member_seen(member_id, device_id, now)
 
     def member_seen(self, member_id: str, device_id: str, now: int) -> None:
         with self._tx():
@@ -1154,6 +1206,12 @@ class SqliteStore:
 
     async def member_seen(self, member_id: str, device_id: str, now: int) -> None:
         await self._run(self.db.member_seen, member_id, device_id, now)
+
+    async def hello_many(self, items: Sequence[HelloItem]) -> list[HelloResult]:
+        return await self._run(self.db.hello_many, items)
+
+    async def seen_many(self, items: Sequence[tuple[str, str]], now: int) -> None:
+        await self._run(self.db.seen_many, items, now)
 
     async def set_groups(
         self, member_id: str, add: Sequence[tuple[str, str | None]], remove: Sequence[str]

@@ -251,13 +251,13 @@ class Peer:
     async def send_raw(self, data: str | bytes) -> None:
         await self.ws.send_message(data)
 
-    async def recv(self, within: float = 5.0) -> wire.Frame:
+    async def recv(self, within: float = 10.0) -> wire.Frame:
         if self.backlog:
             return self.backlog.pop(0)
         with trio.fail_after(within):
             return wire.decode_frame(await self.ws.get_message())
 
-    async def expect(self, kind: type[F], within: float = 5.0, where: Any = None) -> F:
+    async def expect(self, kind: type[F], within: float = 10.0, where: Any = None) -> F:
         """Next frame of ``kind`` (matching ``where(frame)``); others stay queued."""
         for i, f in enumerate(self.backlog):
             if isinstance(f, kind) and (where is None or where(f)):
@@ -275,7 +275,7 @@ class Peer:
             f = await self.expect(kind, math.inf, where=where)
             raise AssertionError(f"unexpected {f!r}")
 
-    async def request(self, frame: wire.Frame, within: float = 5.0) -> wire.Frame:
+    async def request(self, frame: wire.Frame, within: float = 10.0) -> wire.Frame:
         """Send a frame with an ``id`` and return the reply carrying that id."""
         rid = frame.id  # type: ignore[union-attr]
         await self.send(frame)
@@ -311,11 +311,11 @@ class Peer:
         )
         return await self.expect(wire.Ack, where=lambda a: a.id == rid)
 
-    async def message(self, within: float = 5.0) -> wire.Push:
+    async def message(self, within: float = 10.0) -> wire.Push:
         """Next non-system push."""
         return await self.expect(wire.Push, within, where=lambda p: p.subtype is None)
 
-    async def closed(self, within: float = 5.0) -> int | None:
+    async def closed(self, within: float = 10.0) -> int | None:
         """Wait until the broker closes us; return the close code."""
         with trio.fail_after(within):
             try:
@@ -381,7 +381,7 @@ async def open_inproc_broker(tmp_path: Path, **config: Any) -> AsyncIterator[InP
         store.db.close()
 
 
-async def wait_until(predicate: Any, within: float = 5.0) -> None:
+async def wait_until(predicate: Any, within: float = 10.0) -> None:
     """Poll a cheap condition (e.g. a row count) until true, with a deadline."""
     with trio.fail_after(within):
         while True:
