@@ -87,6 +87,8 @@ class Connection:
         self._sock = sock
         self._buf = FrameBuffer()
         self._pending: list[bytes] = []
+        #: Events that arrived while we waited for a reply; ``events`` yields them first.
+        self._events: list[Event] = []
         self._next_id = 1
         self.welcome = welcome
 
@@ -181,9 +183,10 @@ class Connection:
                     err = frame.error
                     raise RequestFailed(err.code, err.message, details=err.details)
                 return frame.result
-            if isinstance(frame, Error):
+            if isinstance(frame, Event):
+                self._events.append(frame)
+            elif isinstance(frame, Error):
                 raise CliError(frame.code, frame.message)
-            # Anything else (a stray event) is not ours to handle here.
 
     def call(
         self,
@@ -196,12 +199,24 @@ class Connection:
         self._sock.settimeout(timeout)
         return self._wait_reply(self.send_request(method, params))
 
-    def subscribe(self, params: dict[str, Any] | None = None) -> Iterator[Event]:
-        """Start a subscription and yield its events until the daemon closes."""
+    def start_subscription(self, params: dict[str, Any] | None = None) -> int:
+        """Subscribe; returns the subscription id for :meth:`events`.
+
+        Further requests may share the connection: events that arrive
+        meanwhile are kept, not lost.
+        """
         self._sock.settimeout(REQUEST_TIMEOUT_S)
         sub = self.send_request("subscribe", params)
         self._wait_reply(sub)
+        return sub
+
+    def events(self, sub: int) -> Iterator[Event]:
+        """Yield the events of subscription ``sub`` until the daemon closes."""
         self._sock.settimeout(None)
+        while self._events:
+            event = self._events.pop(0)
+            if event.sub == sub:
+                yield event
         while True:
             frame = self._read_frame()
             if isinstance(frame, Event) and frame.sub == sub:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +178,39 @@ def test_two_users_end_to_end(broker: BrokerProc) -> None:
         assert a["safety_number"] == b["safety_number"]
         assert a["self_pubkey"] == b["peer_pubkey"]
         assert a["safety_number"].replace(" ", "")[:5] in alice.run("verify", "bob").stdout
+
+        # `inbox --follow` streams what arrives until interrupted.
+        bob.run("inbox")  # read everything so far
+        follow = subprocess.Popen(
+            [os.fspath(EXE), "inbox", "--follow", "--unread"],
+            env=bob.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(
+            target=lambda: [lines.put(x) for x in follow.stdout or ()], daemon=True
+        )
+        reader.start()
+        try:
+            alice.run("send", "bob", "streamed 1")
+            alice.run("send", "bob", "streamed 2")
+            got = [lines.get(timeout=DEADLINE_S).rstrip() for _ in range(2)]
+            assert [line.split("  ", 1)[1] for line in got] == [
+                "alice: streamed 1",
+                "alice: streamed 2",
+            ]
+            follow.send_signal(signal.SIGINT)
+            assert follow.wait(timeout=DEADLINE_S) == 0
+            assert "Traceback" not in (follow.stderr.read() if follow.stderr else "")
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+            for stream in (follow.stdout, follow.stderr):
+                if stream is not None:
+                    stream.close()
 
         assert alice.run("status", "set", "working").stdout == "Status: working\n"
         alice.run("summary", "set", "writing the CLI")

@@ -102,6 +102,11 @@ def send(
     return 0
 
 
+def _oldest_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The daemon answers newest first (the latest N); people read top to bottom."""
+    return sorted(messages, key=lambda m: (m.get("cursor") or 0, m.get("received_at") or 0))
+
+
 def _message_line(m: dict[str, Any], now: int) -> str:
     marker = " " if m.get("seen") else "*"
     who = clean(m.get("from_name") or short_key(m.get("from_pubkey")))
@@ -149,7 +154,7 @@ def inbox(
         if json:
             print_json(result)
             return 0
-        messages = result.get("messages", [])
+        messages = _oldest_first(result.get("messages", []))
         if not messages:
             say("No messages." if not unread else "No unread messages.")
         now = now_ms()
@@ -166,13 +171,18 @@ def _follow(params: dict[str, Any], *, json: bool, no_start: bool) -> int:
     try:
         with connect(autostart=not no_start) as conn:
             try:
+                # Subscribe before reading the inbox so nothing falls between the two.
+                sub_id = conn.start_subscription(sub)
+                shown: set[Any] = set()
                 if not json:
-                    # Show what is already there, then stream what arrives.
                     now = now_ms()
-                    for m in conn.call("message.inbox", params).get("messages", []):
+                    for m in _oldest_first(conn.call("message.inbox", params).get("messages", [])):
+                        shown.add(m.get("broker_message_id"))
                         say(_message_line(m, now))
-                for event in conn.subscribe(sub):
+                for event in conn.events(sub_id):
                     if event.kind != "message":
+                        continue
+                    if event.data.get("broker_message_id") in shown - {None}:
                         continue
                     if json:
                         print_json(event.data)
