@@ -150,7 +150,12 @@ class IpcServer:
                 async with trio.open_nursery() as nursery:
                     task_status.started()
                     while True:
-                        stream = await listener.accept()
+                        try:
+                            stream = await listener.accept()
+                        except OSError as exc:  # e.g. out of file descriptors: back off
+                            log.warning("accept failed on %s: %s", self.path.name, exc)
+                            await trio.sleep(0.1)
+                            continue
                         nursery.start_soon(self._handle, stream)
         finally:
             with contextlib.suppress(OSError):

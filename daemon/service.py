@@ -127,12 +127,17 @@ class Daemon:
         self._servers[cfg.name] = server
 
         async def runner(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with ws.cancel_scope:
-                async with trio.open_nursery() as n:
-                    await n.start(server.serve)
-                    task_status.started()
-                    n.start_soon(ws.run_link)
-                    n.start_soon(ws.watch_sessions)
+            try:
+                with ws.cancel_scope:
+                    async with trio.open_nursery() as n:
+                        await n.start(server.serve)
+                        task_status.started()
+                        n.start_soon(ws.run_link)
+                        n.start_soon(ws.watch_sessions)
+            except Exception:  # one workspace failing must not stop the others
+                log.exception("workspace %s stopped on an error", cfg.name)
+            finally:
+                ws.stopped.set()
 
         await self._nursery.start(runner)
         return ws
@@ -363,6 +368,7 @@ class Daemon:
                 ipc.NOT_FOUND, f"no workspace named {name!r}", candidates=sorted(self.workspaces)
             )
         ws.cancel_scope.cancel()
+        await ws.stopped.wait()  # no task may touch the store once it is closed
         self._servers.pop(name, None)
         ws.store.close()
         self.home.remove_workspace(name)

@@ -204,6 +204,7 @@ class Workspace:
         self._pending_receipts: list[wire.Receipt] = []
         self._batch_ready = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        self.stopped = trio.Event()
         #: Test hook: store pushes but never ack them, to show that a crash
         #: between the inbox commit and the ack still yields one inbox row.
         self.hold_acks = os.environ.get("CLAUDEMESH_TEST_HOLD_ACKS") == "1"
