@@ -74,6 +74,11 @@ def wait_for_daemon(
         except (FileNotFoundError, ConnectionRefusedError):
             pass
         if proc is not None and proc.poll() is not None:
+            # It may have lost the home lock to a daemon started some other way.
+            try:
+                return Connection.open(path, client=client)
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
             raise DaemonUnreachable(
                 f"The daemon exited at start-up (status {proc.returncode}). "
                 f"See {stderr_path(home)} or run `claudemesh daemon run` to see why."
@@ -101,5 +106,19 @@ def start_and_connect(home: Path, *, autostart: bool = True, client: str = "cli"
             f"The daemon is managed by a service unit ({unit}) but is not running. "
             f"Start it with `{manual_start_hint(unit)}` and check `claudemesh daemon logs`."
         )
-    proc = spawn_daemon(home)
-    return wait_for_daemon(home, proc, client=client)
+    import fcntl
+
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Several verbs may find no daemon at once (a shell loop, two sessions):
+    # one starts it, the others wait on the lock and then find its socket.
+    fd = os.open(home / "autostart.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            return Connection.open(control_socket_path(home), client=client)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        proc = spawn_daemon(home)
+        return wait_for_daemon(home, proc, client=client)
+    finally:
+        os.close(fd)  # releases the lock

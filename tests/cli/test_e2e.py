@@ -273,3 +273,26 @@ def test_verb_path_imports_no_trio(broker: BrokerProc) -> None:
         assert "claudemesh.clients.cli.verbs.workspace" in listing
         assert "claudemesh.clients.cli.verbs.message" not in listing
         assert "claudemesh.clients.cli.verbs.daemon" not in listing
+
+
+def test_concurrent_verbs_start_one_daemon() -> None:
+    """Four verbs racing on a home with no daemon: one daemon, and every verb uses it."""
+    with users("dave") as (dave,):
+        procs = [
+            subprocess.Popen(
+                [os.fspath(EXE), "daemon", "start", "--json"],
+                env=dave.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        docs = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            docs.append(json.loads(out))
+        assert len({d["pid"] for d in docs}) == 1
+        assert sum(d["started"] for d in docs) >= 1
+        assert dave.pid() == docs[0]["pid"]

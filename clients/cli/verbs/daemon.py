@@ -45,7 +45,7 @@ def start(*, json: bool = False) -> int:
     json
         Print one JSON document.
     """
-    from ..autostart import spawn_daemon, wait_for_daemon
+    from ..autostart import start_and_connect, wait_for_daemon
     from ..service import installed_unit, manual_start_hint, run_steps
 
     home = claudemesh_home()
@@ -59,7 +59,7 @@ def start(*, json: bool = False) -> int:
             run_steps([Step(manual_start_hint(unit).split())], warn if json else say)
             conn = wait_for_daemon(home, None)
         else:
-            conn = wait_for_daemon(home, spawn_daemon(home))
+            conn = start_and_connect(home)
         started = True
     with conn:
         st = conn.call("daemon.status")
