@@ -304,3 +304,46 @@ async def test_undecryptable_push_is_quarantined_not_dropped(
         assert len(rows) == 1
         assert "authentication" in rows[0]["reason"]
         assert inbox(b.home) == []
+
+
+def test_verify_status_summary_and_inbox_filters(short_tmp: Path, broker: BrokerProc) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        bob = setup_pair(broker.url, a.home, b.home)
+        va = call(a.home, "verify", peer="bob")
+        vb = call(b.home, "verify", peer="alice")
+        assert va["safety_number"] == vb["safety_number"]
+        assert len(va["safety_number"].split()) == 6
+        assert va["peer_pubkey"] == bob["member_pubkey"]
+        assert vb["self_pubkey"] == bob["member_pubkey"]
+
+        call(b.home, "status.set", status="working")
+        call(b.home, "summary.set", summary="refactoring the parser")
+
+        def bob_seen() -> dict[str, object] | None:
+            for p in call(a.home, "peer.list")["peers"]:
+                if p["pubkey"] == bob["member_pubkey"] and p["status"] == "working":
+                    return dict(p)
+            return None
+
+        p = wait_for(bob_seen, what="bob working")
+        assert p["summary"] == "refactoring the parser"
+        with pytest.raises(DaemonError) as ei:
+            call(b.home, "status.set", status="asleep")
+        assert ei.value.code == "invalid_params"
+
+        for i in range(3):
+            r = call(a.home, "message.send", to="bob", body=f"n{i}")
+        call(a.home, "message.wait", client_message_id=r["client_message_id"], state="delivered")
+        wait_for(lambda: len(inbox(b.home)) == 3, what="three")
+        newest = call(b.home, "message.inbox", limit=1, mark_seen=False)["messages"]
+        assert [m["body"] for m in newest] == ["n2"]
+        first = call(b.home, "message.inbox", unread=True, limit=2, after_cursor=0)
+        assert [m["body"] for m in first["messages"]] == ["n0", "n1"]  # and now seen
+        rest = call(b.home, "message.inbox", unread=True)["messages"]
+        assert [m["body"] for m in rest] == ["n2"]
+        assert call(b.home, "message.inbox", unread=True)["messages"] == []
+        assert call(b.home, "daemon.status")["workspaces"][0]["inbox_unread"] == 0
+        st = call(
+            a.home, "message.wait", client_message_id=r["client_message_id"], state="surfaced"
+        )
+        assert st["state"] == "surfaced"
