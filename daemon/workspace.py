@@ -457,7 +457,7 @@ class Workspace:
             return
         if isinstance(frame, wire.Error):
             if fid is not None and await self.store.get_outbox(fid) is not None:
-                await self._send_failed(fid, frame.code, frame.message)
+                await self._send_failed(fid, frame.code, frame.message, frame.retry_after_ms)
             else:
                 log.warning("broker error on %s: %s %s", self.name, frame.code, frame.message)
 
@@ -581,7 +581,9 @@ class Workspace:
             for f in acks:
                 if not (f.queued and f.message_id):
                     err = f.error or wire.ErrorInfo(code=errors.INTERNAL, message="not queued")
-                    await self._send_failed(f.client_message_id or f.id, err.code, err.message)
+                    await self._send_failed(
+                        f.client_message_id or f.id, err.code, err.message, err.retry_after_ms
+                    )
             items: list[tuple[str, str, str, int, str | None]] = []
             for r in receipts:
                 cmid = r.client_message_id or await self._cmid_for(r.message_id)
@@ -658,14 +660,17 @@ class Workspace:
         self._pending_acks.append(frame)
         self._batch_ready.set()
 
-    async def _send_failed(self, cmid: str, code: str, message: str) -> None:
+    async def _send_failed(
+        self, cmid: str, code: str, message: str, retry_after_ms: int | None = None
+    ) -> None:
         reason = f"{code}: {message}" if message else code
         if code in PERMANENT_CODES:
             await self.store.mark_dead(cmid, reason, now_ms())
         else:
             row = await self.store.get_outbox(cmid)
             attempts = int(row["attempts"]) if row else 1
-            await self.store.mark_retry(cmid, reason, now_ms() + retry_delay_ms(attempts))
+            delay = max(retry_delay_ms(attempts), retry_after_ms or 0)
+            await self.store.mark_retry(cmid, reason, now_ms() + delay)
         self.notify()
 
     # ------------------------------------------------------- surfaced

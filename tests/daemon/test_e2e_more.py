@@ -347,3 +347,38 @@ def test_verify_status_summary_and_inbox_filters(short_tmp: Path, broker: Broker
             a.home, "message.wait", client_message_id=r["client_message_id"], state="surfaced"
         )
         assert st["state"] == "surfaced"
+
+
+def test_rate_limited_sends_back_off_and_all_arrive_once(short_tmp: Path) -> None:
+    with (
+        run_broker(short_tmp / "broker", args=["--rate", "20", "--burst", "8"]) as broker,
+        run_daemon(short_tmp / "a") as a,
+        run_daemon(short_tmp / "b") as b,
+    ):
+        setup_pair(broker.url, a.home, b.home)
+        ids = [
+            call(a.home, "message.send", to="bob", body=f"r{i}")["client_message_id"]
+            for i in range(24)
+        ]
+        for cmid in ids:
+            call(a.home, "message.wait", client_message_id=cmid, state="delivered", timeout_s=40)
+        bodies = sorted(m["body"] for m in call(b.home, "message.inbox", limit=100)["messages"])
+        assert bodies == sorted(f"r{i}" for i in range(24))
+        rows = call(a.home, "outbox.list")["rows"]
+        assert any(r["attempts"] > 1 for r in rows)  # some really were refused and retried
+
+
+def test_expired_in_the_broker_is_reported_per_recipient(short_tmp: Path) -> None:
+    with (
+        run_broker(
+            short_tmp / "broker", args=["--ttl", "0.5", "--sweep-interval", "0.2"]
+        ) as broker,
+        run_daemon(short_tmp / "a") as a,
+        run_daemon(short_tmp / "b") as b,
+    ):
+        setup_pair(broker.url, a.home, b.home)
+        b.stop()
+        call(a.home, "message.send", to="bob", body="too late", client_message_id="e1")
+        st = call(a.home, "message.wait", client_message_id="e1", state="delivered", timeout_s=20)
+        assert st["state"] == "expired"
+        assert [r["state"] for r in st["recipients"]] == ["expired"]
