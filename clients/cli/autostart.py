@@ -119,6 +119,8 @@ def start_and_connect(home: Path, *, autostart: bool = True, client: str = "cli"
         except (FileNotFoundError, ConnectionRefusedError):
             pass
         proc = spawn_daemon(home)
-        return wait_for_daemon(home, proc, client=client)
+        conn = wait_for_daemon(home, proc, client=client)
+        conn.started_daemon = True
+        return conn
     finally:
         os.close(fd)  # releases the lock

@@ -91,6 +91,8 @@ class Connection:
         self._events: list[Event] = []
         self._next_id = 1
         self.welcome = welcome
+        #: True when this verb had to start the daemon (``daemon start`` says so).
+        self.started_daemon = False
 
     @classmethod
     def open(

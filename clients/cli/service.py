@@ -213,8 +213,22 @@ class InstallReport:
     reason: str = ""
 
 
-def install(kind: Kind, home: Path, say: Printer, *, dry_run: bool = False) -> InstallReport:
-    """Write the unit for ``kind`` and enable + start it (or say how to)."""
+def install(
+    kind: Kind,
+    home: Path,
+    say: Printer,
+    *,
+    dry_run: bool = False,
+    before_start: Callable[[], None] | None = None,
+    manual_first: list[str] | None = None,
+) -> InstallReport:
+    """Write the unit for ``kind`` and enable + start it (or say how to).
+
+    ``before_start`` runs just before the manager starts the unit (the CLI
+    stops a daemon it started itself, so the unit's daemon can take the
+    home); when the manager is not usable nothing is stopped and
+    ``manual_first`` lead the commands printed for the user instead.
+    """
     path = unit_path(kind)
     text = render(kind, home)
     steps = install_steps(kind, path)
@@ -231,10 +245,13 @@ def install(kind: Kind, home: Path, say: Printer, *, dry_run: bool = False) -> I
     say(f"wrote {path}")
     usable, reason = manager_usable(kind)
     if not usable:
+        manual = [*(manual_first or []), *(str(s) for s in steps)]
         say(f"{reason}; run these by hand to enable and start the daemon:")
-        for step in steps:
-            say(f"  {step}")
-        return InstallReport(kind, os.fspath(path), [], [str(s) for s in steps], reason)
+        for line in manual:
+            say(f"  {line}")
+        return InstallReport(kind, os.fspath(path), [], manual, reason)
+    if before_start is not None:
+        before_start()
     run_steps(steps, say)
     return InstallReport(kind, os.fspath(path), [str(s) for s in steps], [])
 

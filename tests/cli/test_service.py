@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,3 +196,24 @@ def test_failing_service_manager_is_reported(
     monkeypatch.setenv("CLAUDEMESH_SYSTEMCTL", os.fspath(script))
     assert run(["daemon", "install", "--systemd"]) == 1
     assert "unit masked" in capsys.readouterr().err
+
+
+def test_install_without_manager_leaves_a_running_daemon_alone(
+    fake: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLAUDEMESH_SYSTEMCTL", "/nonexistent/systemctl")
+    assert run(["daemon", "install", "--systemd"]) == 0
+    out = capsys.readouterr().out
+    assert "  claudemesh daemon stop\n" in out
+    assert ("daemon.stop", {}) not in fake.requests
+
+
+def test_install_hands_a_running_daemon_over_to_the_unit(
+    fake: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ctl, record = _fake_ctl(tmp_path)
+    monkeypatch.setenv("CLAUDEMESH_SYSTEMCTL", os.fspath(ctl))
+    assert run(["daemon", "install", "--systemd"]) == 0
+    assert "stopping the running daemon" in capsys.readouterr().out
+    assert ("daemon.stop", {}) in fake.requests
+    assert _calls(record)[-1] == ["--user", "enable", "--now", "claudemesh-daemon.service"]

@@ -58,9 +58,11 @@ def start(*, json: bool = False) -> int:
 
             run_steps([Step(manual_start_hint(unit).split())], warn if json else say)
             conn = wait_for_daemon(home, None)
+            started = True
         else:
             conn = start_and_connect(home)
-        started = True
+            # False when another verb won the race and started it first.
+            started = conn.started_daemon
     with conn:
         st = conn.call("daemon.status")
     if json:
@@ -312,16 +314,30 @@ def install(
     kind = _kind(systemd, launchd)
     home = claudemesh_home()
     out = warn if json else say
-    if not dry_run:
-        # A daemon we started ourselves would hold the home; hand over to the unit.
+    running = None if dry_run else _try_connect(home)
+    if running is not None:
+        running.close()
+
+    def hand_over() -> None:
+        # A daemon started by a verb holds the home lock; the unit's daemon needs it.
         conn = _try_connect(home)
-        if conn is not None:
-            with conn:
-                pid = conn.call("daemon.status").get("pid")
-                out(f"stopping the running daemon (pid {pid}) so the service can own it")
-                conn.call("daemon.stop")
-            _wait_gone(home, pid)
-    report = service.install(kind, home, out, dry_run=dry_run)
+        if conn is None:
+            return
+        with conn:
+            pid = conn.call("daemon.status").get("pid")
+            out(f"stopping the running daemon (pid {pid}) so the service can own it")
+            conn.call("daemon.stop")
+        if not _wait_gone(home, pid):
+            raise CliError("stop_timeout", f"The running daemon (pid {pid}) did not stop.")
+
+    report = service.install(
+        kind,
+        home,
+        out,
+        dry_run=dry_run,
+        before_start=hand_over,
+        manual_first=["claudemesh daemon stop"] if running is not None else None,
+    )
     if json:
         print_json(report.__dict__)
     return 0

@@ -52,7 +52,7 @@ def send(
     json
         Print one JSON document.
     workspace
-        Workspace (default: the one set with `workspace use`).
+        Workspace, short -w (default: the one set with `workspace use`).
     no_start
         Do not start the daemon if it is not running.
     """
@@ -140,7 +140,7 @@ def inbox(
     json
         Print one JSON document.
     workspace
-        Workspace (default: the one set with `workspace use`).
+        Workspace, short -w (default: the one set with `workspace use`).
     no_start
         Do not start the daemon if it is not running.
     """
@@ -216,7 +216,7 @@ def status(
     json
         Print one JSON document.
     workspace
-        Workspace (default: the one set with `workspace use`).
+        Workspace, short -w (default: the one set with `workspace use`).
     no_start
         Do not start the daemon if it is not running.
     """

@@ -25,7 +25,7 @@ def status_set(
     json
         Print one JSON document.
     workspace
-        Workspace (default: the one set with `workspace use`).
+        Workspace, short -w (default: the one set with `workspace use`).
     no_start
         Do not start the daemon if it is not running.
     """
@@ -54,7 +54,7 @@ def summary_set(
     json
         Print one JSON document.
     workspace
-        Workspace (default: the one set with `workspace use`).
+        Workspace, short -w (default: the one set with `workspace use`).
     no_start
         Do not start the daemon if it is not running.
     """

@@ -23,7 +23,7 @@ def verify(
     json
         Print one JSON document.
     workspace
-        Workspace (default: the one set with `workspace use`).
+        Workspace, short -w (default: the one set with `workspace use`).
     no_start
         Do not start the daemon if it is not running.
     """
