@@ -75,10 +75,19 @@ def explain(exc: RequestFailed) -> CliError:
         lines.append("Use a longer key prefix or the full key.")
         return RequestFailed(exc.code, "\n".join(lines), details=details)
     if exc.code == ipc.NO_WORKSPACE:
+        names = details.get("workspaces")
+        if not names:
+            return RequestFailed(
+                exc.code,
+                "You have no workspace yet. Create one with "
+                "`claudemesh workspace create NAME --broker URL` or join one with "
+                "`claudemesh workspace join INVITE`.",
+                details=details,
+            )
         return RequestFailed(
             exc.code,
-            f"{message} Pick one with --workspace NAME or `claudemesh workspace use NAME` "
-            "(see `claudemesh workspace list`).",
+            f"{message} Your workspaces: {', '.join(map(str, names))}. Pick one with "
+            "--workspace NAME, or set a default with `claudemesh workspace use NAME`.",
             details=details,
         )
     return RequestFailed(exc.code, message, details=exc.details)

@@ -124,6 +124,11 @@ def test_two_users_end_to_end(broker: BrokerProc) -> None:
         assert used.stderr == "claudemesh: This invite has been used up; ask for a new one.\n"
         cut = carol.run("workspace", "join", link.split("#")[0], check=1)
         assert "has no secret" in cut.stderr
+        lonely = carol.run("peers", check=1)
+        assert "You have no workspace yet" in lonely.stderr
+        assert "claudemesh workspace join INVITE" in lonely.stderr
+        wrong = alice.run("peers", "-w", "teem", check=1)
+        assert "No workspace named 'teem'. Your workspaces: team." in wrong.stderr
 
         def sees(me: User, other: str) -> bool:
             peers = me.json("peer", "list")["peers"]
