@@ -170,6 +170,7 @@ class _Inflight:
     text: str
     pushed_at: float
     expires_ms: int
+    client_message_id: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -1226,7 +1227,11 @@ class Broker:
             )
         ).decode()
         conn.inflight[d.seq] = _Inflight(
-            d.message_id, text, trio.current_time(), d.created_at + self.config.ttl_ms
+            d.message_id,
+            text,
+            trio.current_time(),
+            d.created_at + self.config.ttl_ms,
+            d.client_message_id,
         )
         conn.by_message.setdefault(d.message_id, set()).add(d.seq)
         self.stats["pushes"] += 1
@@ -1271,6 +1276,10 @@ class Broker:
                 conn.inflight.pop(seq, None)
             self._acks.put((conn, f.broker_message_id, None))
         elif f.client_message_id is not None:
+            for seq, item in list(conn.inflight.items()):
+                if item.client_message_id == f.client_message_id:
+                    del conn.inflight[seq]
+                    conn.by_message.pop(item.message_id, None)
             self._acks.put((conn, None, "cmid:" + f.client_message_id))
 
     async def _commit_seen(self, batch: list[tuple[str, str]]) -> None:

@@ -284,3 +284,33 @@ async def test_order_per_pair_with_concurrent_senders_and_reconnects(tmp_path: P
                     seen.append(p.message_id)
         for s in senders:
             assert got[s.pubkey] == sent[s.pubkey]
+
+
+async def test_leave_group_and_v01_client_ack_by_client_message_id(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a, open_peer(b.url, bob) as bb:
+            await bb.send(wire.JoinGroup(name="@ops"))
+            await bb.request(wire.ListPeers(id="sync1"))
+            nonce, ct = crypto.secretbox_encrypt(b"k" * 32, b"x")
+            send = wire.Send(
+                id="g1",
+                target_spec="@ops",
+                priority="now",
+                nonce=nonce,
+                ciphertext=ct,
+                client_message_id="g1",
+            )
+            await a.send(send)
+            assert (await a.expect(wire.Ack)).recipients == 1
+            push = await bb.message()
+            # a v0.1 peer acks by client message id
+            await bb.send(wire.ClientAck(client_message_id="g1"))
+            r = await a.expect(wire.Receipt)
+            assert r.message_id == push.message_id
+            await bb.send(wire.LeaveGroup(name="ops"))
+            await bb.request(wire.ListPeers(id="sync2"))
+            send.id, send.client_message_id = "g2", "g2"
+            await a.send(send)
+            assert (await a.expect(wire.Ack)).recipients == 0
