@@ -71,6 +71,13 @@ def manual_start_hint(unit: Path) -> str:
     return f"launchctl kickstart gui/{os.getuid()}/{LAUNCHD_LABEL}"
 
 
+def start_steps(unit: Path) -> list[Step]:
+    """Start an installed unit through its service manager."""
+    if unit.name == SYSTEMD_UNIT:
+        return [Step([_systemctl(), "--user", "start", SYSTEMD_UNIT])]
+    return [Step([_launchctl(), "kickstart", f"gui/{os.getuid()}/{LAUNCHD_LABEL}"])]
+
+
 def _systemd_quote(value: str) -> str:
     """Quote one word for a unit file: ``%`` specifiers and spaces are special."""
     value = value.replace("%", "%%")

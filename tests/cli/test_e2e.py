@@ -301,3 +301,25 @@ def test_concurrent_verbs_start_one_daemon() -> None:
         assert len({d["pid"] for d in docs}) == 1
         assert sum(d["started"] for d in docs) == 1
         assert dave.pid() == docs[0]["pid"]
+
+
+def test_daemon_run_in_the_foreground() -> None:
+    """What a service unit runs: `claudemesh daemon run` until asked to stop."""
+    with users("erin") as (erin,):
+        proc = subprocess.Popen(
+            [os.fspath(EXE), "daemon", "run"],
+            env=erin.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            pid = wait_until("the foreground daemon answers", erin.pid)
+            assert pid == proc.pid
+            assert erin.run("daemon", "stop").stdout == f"Daemon stopped (pid {pid}).\n"
+            assert proc.wait(timeout=DEADLINE_S) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=DEADLINE_S)

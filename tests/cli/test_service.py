@@ -217,3 +217,20 @@ def test_install_hands_a_running_daemon_over_to_the_unit(
     assert "stopping the running daemon" in capsys.readouterr().out
     assert ("daemon.stop", {}) in fake.requests
     assert _calls(record)[-1] == ["--user", "enable", "--now", "claudemesh-daemon.service"]
+
+
+def test_daemon_start_goes_through_an_installed_unit(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from claudemesh.clients.cli import autostart
+
+    ctl, record = _fake_ctl(tmp_path)
+    monkeypatch.setenv("CLAUDEMESH_SYSTEMCTL", os.fspath(ctl))
+    monkeypatch.setattr(autostart, "START_DEADLINE_S", 0.2)
+    unit = service.systemd_unit_path()
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\n")
+    # The recording systemctl starts nothing, so the socket never appears.
+    assert run(["daemon", "start"]) == 3
+    assert _calls(record) == [["--user", "start", "claudemesh-daemon.service"]]
+    assert "did not appear within 0.2 s" in capsys.readouterr().err

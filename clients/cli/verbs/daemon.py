@@ -46,7 +46,7 @@ def start(*, json: bool = False) -> int:
         Print one JSON document.
     """
     from ..autostart import start_and_connect, wait_for_daemon
-    from ..service import installed_unit, manual_start_hint, run_steps
+    from ..service import installed_unit, run_steps
 
     home = claudemesh_home()
     conn = _try_connect(home)
@@ -54,9 +54,9 @@ def start(*, json: bool = False) -> int:
     if conn is None:
         unit = installed_unit()
         if unit is not None:
-            from ..service import Step
+            from ..service import start_steps
 
-            run_steps([Step(manual_start_hint(unit).split())], warn if json else say)
+            run_steps(start_steps(unit), warn if json else say)
             conn = wait_for_daemon(home, None)
             started = True
         else:
@@ -104,7 +104,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # Someone else's child that exited but is not reaped yet is a zombie: gone for us.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def stop(*, json: bool = False) -> int:
@@ -167,6 +172,13 @@ def status(*, json: bool = False) -> int:
         f"Daemon running: pid {st.get('pid')}, version {st.get('version')}, "
         f"up since {ago(st.get('started_at'), now)}, home {st.get('home')}"
     )
+    from claudemesh import __version__
+
+    if st.get("version") and st.get("version") != __version__:
+        say(
+            f"Note: this CLI is version {__version__}; to run the same version, restart the "
+            "daemon: claudemesh daemon stop && claudemesh daemon start"
+        )
     rows = []
     for ws in st.get("workspaces", []):
         ob = ws.get("outbox") or {}
