@@ -256,8 +256,13 @@ def _dispatch(argv: list[str]) -> int:
     app = build_app()
     try:
         result = app(argv, exit_on_error=False, result_action="return_value")
-    except CycloptsError:
-        return EXIT_USAGE  # cyclopts has printed the error already
+    except CycloptsError as exc:
+        # cyclopts has printed the error on stderr; --json still gets its one document.
+        if "--json" in argv:
+            from .output import print_json
+
+            print_json({"ok": False, "error": {"code": "usage", "message": str(exc).strip()}})
+        return EXIT_USAGE
     if isinstance(result, bool):
         return 0 if result else EXIT_FAILED
     return result if isinstance(result, int) else 0

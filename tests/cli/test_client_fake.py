@@ -310,3 +310,13 @@ def test_usage_errors_exit_2(home: Path) -> None:
     assert run(["send", "bob"]) == 2
     assert run(["send", "bob", "hi", "--priority", "urgent"]) == 2
     assert run(["no-such-verb"]) == 2
+
+
+def test_usage_error_with_json_still_prints_one_document(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["send", "bob", "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False
+    assert doc["error"]["code"] == "usage"
+    assert "TEXT" in doc["error"]["message"]
