@@ -164,6 +164,7 @@ def main() -> None:
         }
         report: dict[str, Any] = {
             "runs": runs,
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
             "wall": {},
             "child_cpu_p50_ms": {
                 k: round(statistics.median(v), 1) for k, v in CPU.items() if k in results
