@@ -54,6 +54,7 @@ BROKER_CODES_TO_IPC: Final = {
     errors.REVOKED,
 }
 MAX_BODY: Final = 48 * 1024
+INFLIGHT_LEASE_MS: Final = 30_000
 _HAS_PROC: Final = Path("/proc/self").exists()
 
 
@@ -584,6 +585,9 @@ class Daemon:
             except (LinkDown, BrokerRefused):
                 raise exc from None
             row, _ = self._send_row(ws, params, conn)
+        live = ws.link_up
+        if live:  # committed already claimed, then handed to the pump in memory
+            row.update(state="inflight", attempts=1, next_attempt_at=now_ms() + INFLIGHT_LEASE_MS)
         outcome, stored = await ws.store.accept(row)
         if outcome == "conflict":
             raise ApiError(
@@ -594,7 +598,10 @@ class Daemon:
                 client_message_id=stored["client_message_id"],
             )
         if outcome == "new":
-            ws.wake_outbox()
+            if live:
+                ws.hand_over(row)
+            else:
+                ws.wake_outbox()
         return {
             "client_message_id": stored["client_message_id"],
             "state": "accepted",

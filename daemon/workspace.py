@@ -200,6 +200,9 @@ class Workspace:
         self._changed = trio.Event()
         self._connected = trio.Event()
         self._counter = 0
+        self._fresh: list[dict[str, Any]] = []
+        self._claim_now = False
+        self._claim_hint: int | None = None
         self._pending_acks: list[wire.Ack] = []
         self._pending_receipts: list[wire.Receipt] = []
         self._batch_ready = trio.Event()
@@ -225,7 +228,13 @@ class Workspace:
         return self._changed
 
     def wake_outbox(self) -> None:
+        """Something in the store became due (a requeue, a pending accept)."""
+        self._claim_now = True
         self._wake_outbox.set()
+
+    @property
+    def link_up(self) -> bool:
+        return self._ws is not None
 
     def topic_key(self, topic_id: str, epoch: int = 0) -> bytes:
         return crypto.topic_key(self.cfg.root_key_bytes, self.cfg.mesh_id, topic_id, epoch)
@@ -301,6 +310,7 @@ class Workspace:
                 self._ws = None
                 self._pending_acks.clear()
                 self._pending_receipts.clear()
+                self._fresh.clear()
                 if self._connected.is_set():
                     self._connected = trio.Event()
                 for w in self._waiters.values():
@@ -322,6 +332,9 @@ class Workspace:
             disconnect_timeout=2,
         ) as ws:
             await self._hello(ws)
+            # Nothing is in flight on a new connection; accepts made while the
+            # link was down (or racing its drop) are claimed by the pump.
+            await self.store.reset_inflight()
             self._ws = ws
             self.link_state = "connected"
             self.last_error = None
@@ -609,22 +622,49 @@ class Workspace:
     # --------------------------------------------------------- outbound
 
     async def _pump_outbox(self) -> None:
+        """Send outbox rows: fresh accepts at once, everything else when due.
+
+        A row accepted while the link is up is committed already ``inflight``
+        (with a lease) and handed over in memory, so the common path needs no
+        extra store job.  Rows that are pending, retrying or whose lease ran
+        out are claimed from the store when due.
+        """
+        claim_at = 0
         while True:
             self._wake_outbox = trio.Event()
-            rows, due = await self.store.claim(now_ms(), limit=64)
-            for row in rows:
-                try:
-                    frame = self._encrypt(row)
-                except CryptoError as exc:
-                    await self.store.mark_dead(row["client_message_id"], exc.message, now_ms())
-                    self.notify()
+            fresh, self._fresh = self._fresh, []
+            for row in fresh:
+                await self._send_row(row)
+            if now_ms() >= claim_at or self._claim_now:
+                self._claim_now = False
+                rows, due = await self.store.claim(now_ms(), limit=64)
+                for row in rows:
+                    await self._send_row(row)
+                if len(rows) == 64:
                     continue
-                await self.send_frame(frame)
-            if len(rows) == 64:
+                claim_at = due if due is not None else now_ms() + 30_000
+            if self._claim_hint is not None:
+                claim_at = min(claim_at, self._claim_hint)
+                self._claim_hint = None
+            if self._fresh or self._claim_now:
                 continue
-            wait_s = 30.0 if due is None else max(0.0, (due - now_ms()) / 1000)
-            with trio.move_on_after(min(wait_s, 30.0)):
+            wait_s = min(30.0, max(0.0, (claim_at - now_ms()) / 1000))
+            with trio.move_on_after(wait_s):
                 await self._wake_outbox.wait()
+
+    async def _send_row(self, row: dict[str, Any]) -> None:
+        try:
+            frame = self._encrypt(row)
+        except CryptoError as exc:
+            await self.store.mark_dead(row["client_message_id"], exc.message, now_ms())
+            self.notify()
+            return
+        await self.send_frame(frame)
+
+    def hand_over(self, row: dict[str, Any]) -> None:
+        """A row just committed as ``inflight`` on a live link: send it now."""
+        self._fresh.append(row)
+        self._wake_outbox.set()
 
     def _encrypt(self, row: dict[str, Any]) -> wire.Send:
         body = row["body"].encode()
@@ -669,8 +709,10 @@ class Workspace:
         else:
             row = await self.store.get_outbox(cmid)
             attempts = int(row["attempts"]) if row else 1
-            delay = max(retry_delay_ms(attempts), retry_after_ms or 0)
-            await self.store.mark_retry(cmid, reason, now_ms() + delay)
+            next_at = now_ms() + max(retry_delay_ms(attempts), retry_after_ms or 0)
+            await self.store.mark_retry(cmid, reason, next_at)
+            self._claim_hint = min(self._claim_hint or next_at, next_at)
+            self._wake_outbox.set()
         self.notify()
 
     # ------------------------------------------------------- surfaced

@@ -128,7 +128,14 @@ def test_kill9_sender_after_accept_still_delivers_once(short_tmp: Path, broker: 
         a.start()  # while the broker is still down: it must connect and drain later
         assert call(a.home, "message.status", client_message_id="k9")["state"] == "accepted"
         broker.start()
-        call(a.home, "message.wait", client_message_id="k9", state="delivered", timeout_s=20)
+        call(
+            a.home,
+            "message.wait",
+            client_message_id="k9",
+            state="delivered",
+            timeout_s=20,
+            timeout=20 + 5,
+        )
         wait_for(lambda: inbox(b.home), timeout=10, what="bob inbox")
         assert [m["body"] for m in inbox(b.home)] == ["survives"]
 
@@ -144,7 +151,14 @@ def test_kill9_receiver_before_ack_yields_one_row(short_tmp: Path, broker: Broke
             b.kill(signal.SIGKILL)
             b.extra_env.pop("CLAUDEMESH_TEST_HOLD_ACKS")
             b.start()
-            call(a.home, "message.wait", client_message_id="r9", state="delivered", timeout_s=20)
+            call(
+                a.home,
+                "message.wait",
+                client_message_id="r9",
+                state="delivered",
+                timeout_s=20,
+                timeout=20 + 5,
+            )
             assert [m["body"] for m in inbox(b.home)] == ["ack-me"]
         finally:
             b.kill()
@@ -212,6 +226,7 @@ def test_one_broker_down_does_not_hold_back_another(short_tmp: Path) -> None:
             client_message_id="w1",
             state="delivered",
             timeout_s=40,
+            timeout=45,
         )
         assert [m["body"] for m in inbox(b.home, workspace="one")] == ["later"]
 

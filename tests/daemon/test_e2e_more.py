@@ -361,7 +361,14 @@ def test_rate_limited_sends_back_off_and_all_arrive_once(short_tmp: Path) -> Non
             for i in range(24)
         ]
         for cmid in ids:
-            call(a.home, "message.wait", client_message_id=cmid, state="delivered", timeout_s=40)
+            call(
+                a.home,
+                "message.wait",
+                client_message_id=cmid,
+                state="delivered",
+                timeout_s=40,
+                timeout=40 + 5,
+            )
         bodies = sorted(m["body"] for m in call(b.home, "message.inbox", limit=100)["messages"])
         assert bodies == sorted(f"r{i}" for i in range(24))
         rows = call(a.home, "outbox.list")["rows"]
@@ -379,6 +386,13 @@ def test_expired_in_the_broker_is_reported_per_recipient(short_tmp: Path) -> Non
         setup_pair(broker.url, a.home, b.home)
         b.stop()
         call(a.home, "message.send", to="bob", body="too late", client_message_id="e1")
-        st = call(a.home, "message.wait", client_message_id="e1", state="delivered", timeout_s=20)
+        st = call(
+            a.home,
+            "message.wait",
+            client_message_id="e1",
+            state="delivered",
+            timeout_s=20,
+            timeout=20 + 5,
+        )
         assert st["state"] == "expired"
         assert [r["state"] for r in st["recipients"]] == ["expired"]
