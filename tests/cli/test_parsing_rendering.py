@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from claudemesh.clients.cli.app import fast_parse, normalize
@@ -121,3 +123,50 @@ def test_fast_parse_peer_list_and_inbox() -> None:
         [],
         {"unread": True, "limit": 5},
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["message", "send", "bob", "hi there", "--priority", "now", "--json"],
+        ["send", "bob", "hi", "--wait", "delivered", "--timeout", "2.5", "--id", "x"],
+        ["send", "bob", "hi", "--reply-to", "m1", "--workspace", "team", "--no-start"],
+        ["send", "--workspace=team", "bob", "hi"],
+        ["peer", "list", "--json"],
+        ["peers", "--workspace", "t"],
+        ["inbox", "--unread", "--limit", "5"],
+        ["message", "inbox", "--json"],
+        ["message", "status", "abc", "--workspace", "t"],
+    ],
+)
+def test_fast_path_calls_exactly_what_cyclopts_would(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand parser must never drift from the cyclopts signatures it shortcuts."""
+    import functools
+    import inspect
+
+    from claudemesh.clients.cli import app
+    from claudemesh.clients.cli.verbs import message, peer
+
+    fast = fast_parse(argv)
+    assert fast is not None
+    target, positional, kwargs = fast
+    module, _, func = target.partition(":")
+    real = getattr({"message": message, "peer": peer}[module], func)
+
+    def bound(*a: Any, **k: Any) -> dict[str, Any]:
+        b = inspect.signature(real).bind(*a, **k)
+        b.apply_defaults()
+        return dict(b.arguments)
+
+    seen: list[dict[str, Any]] = []
+
+    @functools.wraps(real)  # cyclopts reads the real signature through __wrapped__
+    def record(*a: Any, **k: Any) -> int:
+        seen.append(bound(*a, **k))
+        return 0
+
+    monkeypatch.setattr({"message": message, "peer": peer}[module], func, record)
+    assert app.build_app()(argv, exit_on_error=False, result_action="return_value") == 0
+    assert seen == [bound(*positional, **kwargs)]
