@@ -234,3 +234,24 @@ def test_daemon_start_goes_through_an_installed_unit(
     assert run(["daemon", "start"]) == 3
     assert _calls(record) == [["--user", "start", "claudemesh-daemon.service"]]
     assert "did not appear within 0.2 s" in capsys.readouterr().err
+
+
+def test_install_then_uninstall_launchd(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ctl, record = _fake_ctl(tmp_path)
+    monkeypatch.setenv("CLAUDEMESH_LAUNCHCTL", os.fspath(ctl))
+    assert run(["daemon", "install", "--launchd", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    path = service.launchd_plist_path()
+    assert doc["path"] == os.fspath(path)
+    assert path.parent == Path(os.environ["HOME"]) / "Library" / "LaunchAgents"
+    plist = plistlib.loads(path.read_bytes())
+    assert plist["EnvironmentVariables"]["CLAUDEMESH_HOME"] == os.fspath(home)
+    assert plist["ProgramArguments"][0] == os.path.abspath(sys.executable)
+    domain = f"gui/{os.getuid()}"
+    assert _calls(record) == [["bootstrap", domain, os.fspath(path)]]
+    record.unlink()
+    assert run(["daemon", "uninstall", "--launchd"]) == 0
+    assert _calls(record) == [["bootout", f"{domain}/com.claudemesh.daemon"]]
+    assert not path.exists()
