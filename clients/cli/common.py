@@ -75,8 +75,8 @@ def explain(exc: RequestFailed) -> CliError:
         lines.append("Use a longer key prefix or the full key.")
         return RequestFailed(exc.code, "\n".join(lines), details=details)
     if exc.code == ipc.NO_WORKSPACE:
-        names = details.get("workspaces")
-        if not names:
+        choices = details.get("workspaces")
+        if not choices:
             return RequestFailed(
                 exc.code,
                 "You have no workspace yet. Create one with "
@@ -86,7 +86,7 @@ def explain(exc: RequestFailed) -> CliError:
             )
         return RequestFailed(
             exc.code,
-            f"{message} Your workspaces: {', '.join(map(str, names))}. Pick one with "
+            f"{message} Your workspaces: {', '.join(map(str, choices))}. Pick one with "
             "--workspace NAME, or set a default with `claudemesh workspace use NAME`.",
             details=details,
         )
