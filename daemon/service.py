@@ -330,6 +330,13 @@ class Daemon:
                 errors.BAD_SIGNATURE,
                 "the invite is not signed by the workspace admin it names; not joining",
             )
+        try:
+            if len(base64.b64decode(str(payload["rootKey"]), validate=True)) != 32:
+                raise ValueError
+        except (KeyError, ValueError):
+            raise ApiError(
+                errors.BAD_SIGNATURE, "the invite payload carries no usable workspace key"
+            ) from None
         name = _opt(params, "name", str) or str(payload.get("name", ""))
         self._check_new_name(name)
         cfg = WorkspaceConfig(

@@ -357,7 +357,7 @@ class Workspace:
             pubkey=pub,
             session_id=f"daemon-{self.device_id[:12]}",
             pid=os.getpid(),
-            cwd=str(self.home),
+            cwd="/",  # the broker has no use for our paths
             timestamp=ts,
             signature=self.member.sign(
                 wire.hello_canonical(self.cfg.mesh_id, self.cfg.member_id, pub, ts)
