@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 from cmtest.broker import run_broker
 from cmtest.daemon import DaemonProc, IpcClient, call, run_daemon, wait_for

@@ -727,30 +727,38 @@ class Daemon:
                 if not rows:
                     await changed.wait()
                     continue
-                surfaced = []
-                for r, row in rows:
-                    cursor = r["cursor"]
-                    if kinds and r["kind"] not in kinds:
-                        continue
-                    if r["kind"] == "message":
-                        # Session routing: a session key's mail goes only to that
-                        # session; a session never sees its own sends echoed.
-                        if r["session_pubkey"] and r["session_pubkey"] != my_key:
+                surfaced: list[int] = []
+                try:
+                    for r, row in rows:
+                        cursor = r["cursor"]
+                        if kinds and r["kind"] not in kinds:
                             continue
-                        if my_key is not None and r["from_pubkey"] == my_key:
-                            continue
-                        if row is None:
-                            continue
-                        data = message_view(row, ws, row["id"])
-                        if session is not None:
-                            surfaced.append(row["id"])
-                    else:
-                        data = json.loads(r["data"])
-                    await conn.send(
-                        ipc.Event(sub=sub_id, cursor=r["cursor"], kind=r["kind"], data=data)
-                    )
-                if surfaced:
-                    await ws.surface(surfaced)
+                        surface_id = None
+                        if r["kind"] == "message":
+                            # Session routing: a session key's mail goes only to that
+                            # session; a session never sees its own sends echoed.
+                            if r["session_pubkey"] and r["session_pubkey"] != my_key:
+                                continue
+                            if my_key is not None and r["from_pubkey"] == my_key:
+                                continue
+                            if row is None:
+                                continue
+                            data = message_view(row, ws, row["id"])
+                            if session is not None:
+                                surface_id = row["id"]
+                        else:
+                            data = json.loads(r["data"])
+                        await conn.send(
+                            ipc.Event(sub=sub_id, cursor=r["cursor"], kind=r["kind"], data=data)
+                        )
+                        if surface_id is not None:
+                            surfaced.append(surface_id)
+                finally:
+                    # Written to the session's socket: surfaced, even if the
+                    # subscriber hangs up right after reading it.
+                    if surfaced:
+                        with trio.CancelScope(shield=True), trio.move_on_after(5):
+                            await ws.surface(surfaced)
 
         return Streaming({"cursor": head}, stream)
 

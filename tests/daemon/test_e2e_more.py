@@ -396,3 +396,30 @@ def test_expired_in_the_broker_is_reported_per_recipient(short_tmp: Path) -> Non
         )
         assert st["state"] == "expired"
         assert [r["state"] for r in st["recipients"]] == ["expired"]
+
+
+def test_session_survives_daemon_restart_and_gets_its_queued_mail(
+    short_tmp: Path, broker: BrokerProc, sleeper: subprocess.Popen[bytes]
+) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        setup_pair(broker.url, a.home, b.home)
+        s = call(b.home, "session.register", session_id="keep", pid=sleeper.pid, cwd="/w")
+        wait_for(
+            lambda: any(
+                p["pubkey"] == s["session_pubkey"] for p in call(a.home, "peer.list")["peers"]
+            ),
+            what="session visible",
+        )
+        b.stop()
+        r = call(a.home, "message.send", to=s["session_pubkey"], body="while you were out")
+        call(a.home, "message.wait", client_message_id=r["client_message_id"], state="sent")
+        b.start()  # the session's process still runs: it is restored and presented again
+        with IpcClient.open(b.home, socket="team", session_id="keep") as c:
+            c.request("subscribe", cursor=0, kinds=["message"])
+            ev = c.next_event(timeout=15)
+            assert ev.data["body"] == "while you were out"
+            assert ev.data["to_key"] == s["session_pubkey"]
+        st = call(
+            a.home, "message.wait", client_message_id=r["client_message_id"], state="surfaced"
+        )
+        assert st["state"] == "surfaced"
