@@ -566,18 +566,6 @@ class Store:
 
         return await self.run(job)
 
-    async def inbox_by_ids(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        def job(db: sqlite3.Connection) -> dict[int, dict[str, Any]]:
-            if not ids:
-                return {}
-            marks = ",".join("?" for _ in ids)
-            return {
-                int(r["id"]): dict(r)
-                for r in db.execute(f"SELECT * FROM inbox WHERE id IN ({marks})", tuple(ids))
-            }
-
-        return await self.run(job)
-
     async def inbox_list(
         self,
         *,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import random
@@ -859,7 +858,3 @@ def message_view(row: dict[str, Any], workspace: Workspace, cursor: int) -> dict
         if row.get(k):
             m[k] = row[k]
     return m
-
-
-def dumps(v: Any) -> str:
-    return json.dumps(v)
