@@ -180,3 +180,40 @@ async def test_foreign_uid_process_is_refused(short_tmp: Path) -> None:
         )
         out = res.stdout.decode()
         assert out.startswith("refused") or out.strip() == "got 0", out
+
+
+async def test_garbage_never_takes_the_daemon_down(short_tmp: Path) -> None:
+    import random
+
+    import msgspec
+
+    rnd = random.Random(1234)
+    bodies: list[bytes] = [rnd.randbytes(rnd.randrange(0, 300)) for _ in range(150)]
+    enc = msgspec.msgpack.encode
+    bodies += [
+        enc({"type": "req", "id": "x", "method": 5}),
+        enc({"type": "req", "id": 1, "method": "message.send", "params": [1, 2]}),
+        enc({"type": "req", "id": 2, "method": "message.send", "params": {"to": 3}}),
+        enc({"type": "req", "id": 3, "method": "subscribe", "params": {"cursor": "z"}}),
+        enc({"type": "req", "id": 4, "method": "message.inbox", "params": {"limit": True}}),
+        enc({"type": "hello", "api_version": "new"}),
+        enc([1, 2, 3]),
+        b"",
+    ]
+    async with open_daemon(short_tmp / "h") as d:
+        async with open_client(d.home.control_socket) as c:
+            for body in bodies:
+                await c.stream.send_all(HEADER.pack(len(body)) + body)
+            # Every frame gets exactly one answer, in order, and the link stays open.
+            answered = 0
+            with trio.fail_after(10):
+                while answered < len(bodies):
+                    f = await c.read()
+                    assert isinstance(f, ipc.Error | ipc.Reply)
+                    if isinstance(f, ipc.Reply):
+                        assert f.error is not None
+                    answered += 1
+            r = await c.request("daemon.status")
+            assert r.ok
+        async with open_client(d.home.control_socket) as c2:
+            assert (await c2.request("daemon.status")).ok
