@@ -219,6 +219,15 @@ class _Linger:
 
 
 @dataclass(slots=True)
+class _AckJob:
+    """A ``client_ack``: of a delivery (message id or ``cmid:``) or of a receipt."""
+
+    conn: Conn
+    message_id: str | None
+    other: str | None
+
+
+@dataclass(slots=True)
 class _PendingSend:
     conn: Conn
     frame_id: str
@@ -302,8 +311,8 @@ class Broker:
         self.total_conns = 0
         self.port = 0
         self._nursery: trio.Nursery | None = None
-        self._sends: _Batcher[_PendingSend] = _Batcher(self._commit_sends)
-        self._acks: _Batcher[tuple[Conn, str | None, str | None]] = _Batcher(self._commit_acks)
+        # Sends and acks share one batcher, so a round is one transaction.
+        self._writes: _Batcher[_PendingSend | _AckJob] = _Batcher(self._commit_round)
         self._hellos: _CallBatcher[HelloItem, HelloResult] = _CallBatcher(self.store.hello_many)
         self._seen: _Batcher[tuple[str, str]] = _Batcher(self._commit_seen)
         self.stats: dict[str, int] = {
@@ -336,8 +345,7 @@ class Broker:
         """Listen until cancelled; ``task_status.started(port)`` once bound."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._sends.run)
-            nursery.start_soon(self._acks.run)
+            nursery.start_soon(self._writes.run)
             nursery.start_soon(self._hellos.run)
             nursery.start_soon(self._seen.run)
             nursery.start_soon(self._lease_loop)
@@ -1111,7 +1119,7 @@ class Broker:
                 return
             sender_pubkey = f.from_session
         await conn.send_slots.acquire()
-        self._sends.put(
+        self._writes.put(
             _PendingSend(
                 conn=conn,
                 frame_id=f.id,
@@ -1135,14 +1143,44 @@ class Broker:
             )
         )
 
-    async def _commit_sends(self, batch: list[_PendingSend]) -> None:
+    async def _commit_round(self, batch: list[_PendingSend | _AckJob]) -> None:
+        sends = [j for j in batch if isinstance(j, _PendingSend)]
+        acks = [j for j in batch if isinstance(j, _AckJob)]
+        now = now_ms()
+        deliveries: list[tuple[str, str, str, str | None, str | None]] = []
+        receipt_acks: list[tuple[str, str]] = []
+        for job in acks:
+            conn = job.conn
+            assert conn.member is not None
+            if job.message_id is not None:
+                deliveries.append(
+                    (conn.mesh_id, conn.member.id, conn.device_id, job.message_id, None)
+                )
+            elif job.other is not None and job.other.startswith("cmid:"):
+                deliveries.append(
+                    (conn.mesh_id, conn.member.id, conn.device_id, None, job.other[5:])
+                )
+            elif job.other is not None:
+                receipt_acks.append((conn.member.id, job.other))
         try:
-            outcomes = await self.store.accept_sends([p.item for p in batch])
+            outcomes, receipts = await self.store.commit_round(
+                [p.item for p in sends], deliveries, receipt_acks, now
+            )
         except Exception as exc:  # the store failed: refuse, never crash
             log("store_error", error=repr(exc))
             outcomes = [
                 SendOutcome(error=(errors.INTERNAL, "the broker could not store this send"))
-            ] * len(batch)
+            ] * len(sends)
+            receipts = []
+        if acks:
+            self.stats["ack_batches"] += 1
+            self.stats["acks"] += len(deliveries)
+        if sends:
+            self._finish_sends(sends, outcomes)
+        for r in receipts:
+            self._route_receipt(r)
+
+    def _finish_sends(self, batch: list[_PendingSend], outcomes: list[SendOutcome]) -> None:
         self.stats["batches"] += 1
         self.stats["batched_sends"] += len(batch)
         for p, out in zip(batch, outcomes, strict=True):
@@ -1270,47 +1308,23 @@ class Broker:
     def _client_ack(self, conn: Conn, f: wire.ClientAck) -> None:
         assert conn.member is not None
         if f.receipt_id is not None:
-            self._acks.put((conn, None, f.receipt_id))
+            self._writes.put(_AckJob(conn, None, f.receipt_id))
         if f.broker_message_id is not None:
             for seq in conn.by_message.pop(f.broker_message_id, ()):
                 conn.inflight.pop(seq, None)
-            self._acks.put((conn, f.broker_message_id, None))
+            self._writes.put(_AckJob(conn, f.broker_message_id, None))
         elif f.client_message_id is not None:
             for seq, item in list(conn.inflight.items()):
                 if item.client_message_id == f.client_message_id:
                     del conn.inflight[seq]
                     conn.by_message.pop(item.message_id, None)
-            self._acks.put((conn, None, "cmid:" + f.client_message_id))
+            self._writes.put(_AckJob(conn, None, "cmid:" + f.client_message_id))
 
     async def _commit_seen(self, batch: list[tuple[str, str]]) -> None:
         try:
             await self.store.seen_many(batch, now_ms())
         except Exception as exc:
             log("store_error", error=repr(exc))
-
-    async def _commit_acks(self, batch: list[tuple[Conn, str | None, str | None]]) -> None:
-        now = now_ms()
-        self.stats["ack_batches"] += 1
-        deliveries: list[tuple[str, str, str, str | None, str | None]] = []
-        receipts: dict[str, list[str]] = {}
-        for conn, message_id, other in batch:
-            assert conn.member is not None
-            if message_id is not None:
-                deliveries.append((conn.mesh_id, conn.member.id, conn.device_id, message_id, None))
-            elif other is not None and other.startswith("cmid:"):
-                deliveries.append((conn.mesh_id, conn.member.id, conn.device_id, None, other[5:]))
-            elif other is not None:
-                receipts.setdefault(conn.member.id, []).append(other)
-        try:
-            for member_id, rids in receipts.items():
-                await self.store.ack_receipts(member_id, rids, now)
-            new = await self.store.ack_deliveries(deliveries, now) if deliveries else []
-        except Exception as exc:
-            log("store_error", error=repr(exc))
-            return
-        self.stats["acks"] += len(deliveries)
-        for r in new:
-            self._route_receipt(r)
 
     def _route_receipt(self, r: ReceiptRow) -> None:
         st = self.streams.get(("m", r.member_id, r.device_id))

@@ -336,6 +336,13 @@ class Store(Protocol):
         now: int,
     ) -> None: ...
     async def accept_sends(self, items: Sequence[SendItem]) -> list[SendOutcome]: ...
+    async def commit_round(
+        self,
+        sends: Sequence[SendItem],
+        acks: Sequence[tuple[str, str, str, str | None, str | None]],
+        receipt_acks: Sequence[tuple[str, str]],
+        now: int,
+    ) -> tuple[list[SendOutcome], list[ReceiptRow]]: ...
     async def pending_member(
         self, member_id: str, device_id: str, after_seq: int, limit: int
     ) -> list[Delivery]: ...
@@ -678,6 +685,25 @@ class SqliteDB:
                 self.conn.execute("RELEASE one")
                 out.append(res)
         return out
+
+    def commit_round(
+        self,
+        sends: Sequence[SendItem],
+        acks: Sequence[tuple[str, str, str, str | None, str | None]],
+        receipt_acks: Sequence[tuple[str, str]],
+        now: int,
+    ) -> tuple[list[SendOutcome], list[ReceiptRow]]:
+        """Sends, delivery acks and receipt acks of one round: one transaction, one fsync."""
+        with self._tx():
+            outcomes = self.accept_sends(sends) if sends else []
+            receipts = self.ack_deliveries(acks, now) if acks else []
+            if receipt_acks:
+                self.conn.executemany(
+                    "UPDATE receipts SET acked_at = ? WHERE id = ? AND member_id = ?"
+                    " AND acked_at IS NULL",
+                    [(now, rid, member_id) for member_id, rid in receipt_acks],
+                )
+        return outcomes, receipts
 
     def _accept_one(self, it: SendItem) -> SendOutcome:
         sender = self.conn.execute(
@@ -1233,6 +1259,15 @@ class SqliteStore:
 
     async def accept_sends(self, items: Sequence[SendItem]) -> list[SendOutcome]:
         return await self._run(self.db.accept_sends, items)
+
+    async def commit_round(
+        self,
+        sends: Sequence[SendItem],
+        acks: Sequence[tuple[str, str, str, str | None, str | None]],
+        receipt_acks: Sequence[tuple[str, str]],
+        now: int,
+    ) -> tuple[list[SendOutcome], list[ReceiptRow]]:
+        return await self._run(self.db.commit_round, sends, acks, receipt_acks, now)
 
     async def pending_member(
         self, member_id: str, device_id: str, after_seq: int, limit: int
