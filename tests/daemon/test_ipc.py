@@ -217,3 +217,40 @@ async def test_garbage_never_takes_the_daemon_down(short_tmp: Path) -> None:
             assert r.ok
         async with open_client(d.home.control_socket) as c2:
             assert (await c2.request("daemon.status")).ok
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a child as another uid")
+async def test_peer_uid_check_refuses_a_real_foreign_process(short_tmp: Path) -> None:
+    """Even with the file permissions opened up, the uid check alone refuses nobody."""
+    import sys
+
+    calls: list[ipc.Request] = []
+
+    async def handler(conn: object, req: ipc.Request) -> object:
+        calls.append(req)
+        return {}
+
+    os.chmod(short_tmp, 0o755)
+    path = short_tmp / "open.sock"
+    server = IpcServer(path, handler)  # allowed uid: ours (root)
+    code = (
+        "import os,socket\n"
+        "from claudemesh.shared.protocol import ipc\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s=socket.socket(socket.AF_UNIX); s.settimeout(5)\n"
+        f"s.connect({str(path)!r})\n"
+        "try:\n"
+        "  s.sendall(ipc.encode_ipc(ipc.Hello()))\n"
+        "  print('got', len(s.recv(100)))\n"
+        "except (BrokenPipeError, ConnectionResetError): print('got 0')\n"
+    )
+    async with trio.open_nursery() as n:
+        await n.start(server.serve)
+        os.chmod(path, 0o666)  # only for this test: let the foreign uid reach the check
+        res = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+        )
+        n.cancel_scope.cancel()
+    assert res.stdout.decode().strip() == "got 0", res.stderr.decode()
+    assert server.refused == 1
+    assert calls == []
