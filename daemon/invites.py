@@ -42,12 +42,21 @@ class InviteLink:
     mesh_id: str
     invite_id: str
     secret: bytes
+    #: When the inviting admin's member key is derived from an id other than
+    #: the mesh id (the broker assigned its own id at creation): that id and
+    #: the admin's public key, so the same person on another machine (same
+    #: root secret) recognises itself and joins as the same member.
+    key_id: str | None = None
+    key_pubkey: str | None = None
 
     def __str__(self) -> str:
         frag = base64.urlsafe_b64encode(self.secret).rstrip(b"=").decode()
+        extra = ""
+        if self.key_id and self.key_pubkey:
+            extra = f"&kid={quote(self.key_id, safe='')}&kpk={self.key_pubkey}"
         return (
             f"{SCHEME}://join/{self.mesh_id}/{self.invite_id}"
-            f"?broker={quote(self.broker_url, safe='')}#{frag}"
+            f"?broker={quote(self.broker_url, safe='')}{extra}#{frag}"
         )
 
 
@@ -74,7 +83,8 @@ def parse_link(text: str) -> InviteLink:
         raise InviteLinkError(f"the workspace id in the invite link is malformed: {mesh_id!r}")
     if not _ID_RE.match(invite_id):
         raise InviteLinkError(f"the invite id in the invite link is malformed: {invite_id!r}")
-    brokers = parse_qs(parts.query).get("broker", [])
+    query = parse_qs(parts.query)
+    brokers = query.get("broker", [])
     if len(brokers) != 1:
         raise InviteLinkError("the invite link has no broker URL (?broker=ws://...)")
     broker = brokers[0]
@@ -93,7 +103,22 @@ def parse_link(text: str) -> InviteLink:
             f"the secret in the invite link (after #) is {len(secret)} bytes, expected 32; "
             "was the link cut short?"
         )
-    return InviteLink(broker_url=broker, mesh_id=mesh_id, invite_id=invite_id, secret=secret)
+    kid = query.get("kid", [None])[0]
+    kpk = query.get("kpk", [None])[0]
+    if kid is not None and (not _ID_RE.match(kid) or kpk is None or not _is_hex64(kpk)):
+        raise InviteLinkError("the key id part of the invite link (kid=, kpk=) is malformed")
+    return InviteLink(
+        broker_url=broker,
+        mesh_id=mesh_id,
+        invite_id=invite_id,
+        secret=secret,
+        key_id=kid,
+        key_pubkey=kpk if kid is not None else None,
+    )
+
+
+def _is_hex64(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def claim_keypair(secret: bytes, invite_id: str) -> crypto.KeyPair:

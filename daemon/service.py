@@ -289,7 +289,12 @@ class Daemon:
                 raise ApiError(ipc.CONFLICT, f"already a member of this workspace as {ws.name!r}")
         display = _param(params, "display_name", str, default="") or _default_display_name()
         claim = invites.claim_keypair(link.secret, link.invite_id)
-        member = crypto.KeyPair(crypto.member_seed(self.root_secret, link.mesh_id))
+        key_id = link.mesh_id
+        member = crypto.KeyPair(crypto.member_seed(self.root_secret, key_id))
+        if link.key_id and link.key_pubkey:
+            mine = crypto.KeyPair(crypto.member_seed(self.root_secret, link.key_id))
+            if mine.public_hex == link.key_pubkey:  # the inviting admin is us, elsewhere
+                key_id, member = link.key_id, mine
         ts = now_ms()
         rid = "claim-" + secrets.token_hex(4)
         frame = wire.InviteClaim(
@@ -347,6 +352,7 @@ class Daemon:
             display_name=display,
             role=reply.role,
             root_key=str(payload["rootKey"]),
+            key_id=key_id,
         )
         return await self._add(cfg)
 
@@ -437,7 +443,15 @@ class Daemon:
         reply = await _broker(ws.request(frame, rid, wait_link_s=10.0))
         if isinstance(reply, wire.Error):
             raise _broker_error(reply.code, reply.message)
-        link = invites.InviteLink(ws.cfg.broker_url, ws.cfg.mesh_id, invite_id, secret)
+        keyed = ws.cfg.key_id != ws.cfg.mesh_id
+        link = invites.InviteLink(
+            ws.cfg.broker_url,
+            ws.cfg.mesh_id,
+            invite_id,
+            secret,
+            key_id=ws.cfg.key_id if keyed else None,
+            key_pubkey=ws.member.public_hex if keyed else None,
+        )
         return {
             "link": str(link),
             "invite_id": invite_id,

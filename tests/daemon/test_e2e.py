@@ -256,3 +256,31 @@ def test_workspace_list_use_leave(short_tmp: Path, broker: BrokerProc) -> None:
         # Survives a restart.
         a.restart()
         assert [w["name"] for w in call(a.home, "workspace.list")["workspaces"]] == ["one"]
+
+
+def test_the_creator_on_a_second_machine_is_the_same_member(
+    short_tmp: Path, broker: BrokerProc
+) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        setup_pair(broker.url, a.home, b.home)
+        alice = call(a.home, "workspace.list")["workspaces"][0]
+        a2_home = short_tmp / "a2"
+        (a2_home / "identity").mkdir(parents=True, mode=0o700)
+        shutil.copy(a.home / "identity" / "root.key", a2_home / "identity" / "root.key")
+        with run_daemon(a2_home) as a2:
+            link = call(a.home, "invite.create")["link"]
+            ws = call(a2.home, "workspace.join", link=link, display_name="alice")["workspace"]
+            assert ws["member_pubkey"] == alice["member_pubkey"]
+            assert ws["member_id"] == alice["member_id"]
+            wait_connected(a2.home)
+            r = call(b.home, "message.send", to=alice["member_pubkey"], body="to both of me")
+            call(
+                b.home, "message.wait", client_message_id=r["client_message_id"], state="delivered"
+            )
+            wait_for(lambda: inbox(a.home) and inbox(a2.home), timeout=15, what="both machines")
+            assert [m["body"] for m in inbox(a2.home)] == ["to both of me"]
+        # Someone else with the same link-shape joins as themselves.
+        with run_daemon(short_tmp / "c") as c:
+            link = call(a.home, "invite.create")["link"]
+            carol = call(c.home, "workspace.join", link=link, display_name="carol")["workspace"]
+            assert carol["member_pubkey"] != alice["member_pubkey"]

@@ -63,3 +63,13 @@ def test_pid_reuse_is_not_mistaken_for_the_session() -> None:
         p.wait(timeout=10)
     assert not pid_alive(p.pid, start)
     assert pid_alive(os.getpid(), proc_starttime(os.getpid()))
+
+
+def test_link_with_key_id_round_trips_and_bad_key_part_is_named() -> None:
+    link = invites.InviteLink(
+        "wss://b.example/ws", "mesh-1", "inv-1", b"\x05" * 32, key_id="k-1", key_pubkey="ab" * 32
+    )
+    assert invites.parse_link(str(link)) == link
+    bad = str(link).replace("kpk=" + "ab" * 32, "kpk=zz")
+    with pytest.raises(invites.InviteLinkError, match="key id part"):
+        invites.parse_link(bad)
