@@ -490,7 +490,10 @@ class Broker:
                 self._error(conn, exc.code, exc.message)
                 continue
             assert conn.bucket is not None
-            wait = conn.bucket.take(trio.current_time())
+            # Acks answer our own pushes: limiting them would only cause redelivery.
+            wait = (
+                0.0 if isinstance(frame, wire.ClientAck) else conn.bucket.take(trio.current_time())
+            )
             if wait:
                 self._rate_limited(conn, frame, wait)
                 continue
@@ -1285,13 +1288,24 @@ class Broker:
     async def _flush(self, st: Stream) -> None:
         """Push a stream's stored backlog, then hand it over to live pushes."""
         kind, a, b = st.key
+        out = st.conn.out
         try:
             while True:
+                # Backpressure: read no more of a backlog than the peer's
+                # outgoing buffer has room for (half of it; live frames need the rest).
+                while True:
+                    room = self.config.outgoing_buffer // 2 - out.statistics().current_buffer_used
+                    if room > 0:
+                        break
+                    await trio.sleep(0.01)
+                    if st.conn.closed:
+                        return
                 st.dirty = False
+                limit = min(256, room)
                 if kind == "m":
-                    rows = await self.store.pending_member(a, b, st.cursor, 256)
+                    rows = await self.store.pending_member(a, b, st.cursor, limit)
                 else:
-                    rows = await self.store.pending_session(a, b, st.cursor, 256)
+                    rows = await self.store.pending_session(a, b, st.cursor, limit)
                 if self.streams.get(st.key) is not st or st.conn.closed:
                     return
                 for d in rows:

@@ -314,3 +314,18 @@ async def test_leave_group_and_v01_client_ack_by_client_message_id(tmp_path: Pat
             send.id, send.client_message_id = "g2", "g2"
             await a.send(send)
             assert (await a.expect(wire.Ack)).recipients == 0
+
+
+async def test_backlog_larger_than_the_outgoing_buffer_drains_in_order(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path, outgoing_buffer=40) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            sent = [(await a.dm(bob.pubkey, b"x")).message_id for _ in range(300)]
+        async with open_peer(b.url, bob) as bb:
+            got = []
+            for _ in range(300):
+                p = await bb.message()
+                got.append(p.message_id)
+                await bb.send(wire.ClientAck(broker_message_id=p.message_id))
+            assert got == sent
