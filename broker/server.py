@@ -304,6 +304,7 @@ class Broker:
         self.mesh_conns: dict[str, set[Conn]] = {}
         self.member_conns: dict[str, set[Conn]] = {}
         self.session_conn: dict[tuple[str, str], Conn] = {}
+        self._pending_hellos: dict[str, int] = {}
         self._hello_expiry: deque[tuple[int, str]] = deque()
         self.streams: dict[tuple[str, str, str], Stream] = {}
         self.lingering: dict[tuple[str, str, str], _Linger] = {}
@@ -606,9 +607,11 @@ class Broker:
                 conn, errors.BAD_SIGNATURE, "this hello was already used (replay)", CLOSE_POLICY
             )
             return False
+        # Hellos still in the store count too, so concurrent ones cannot overshoot a cap.
+        pending_here = self._pending_hellos.get(h.mesh_id, 0)
         if (
-            len(self.mesh_conns.get(h.mesh_id, ())) >= cfg.max_conns_per_mesh
-            or self.total_conns >= cfg.max_conns_total
+            len(self.mesh_conns.get(h.mesh_id, ())) + pending_here >= cfg.max_conns_per_mesh
+            or self.total_conns + sum(self._pending_hellos.values()) >= cfg.max_conns_total
         ):
             await self._refuse(
                 conn, errors.TOO_MANY_CONNECTIONS, "connection cap reached", CLOSE_TRY_LATER
@@ -623,9 +626,17 @@ class Broker:
         self.seen_hellos[h.signature] = now + 2 * cfg.skew_ms
         self._hello_expiry.append((now + 2 * cfg.skew_ms, h.signature))
         groups = tuple((g.name, g.role) for g in h.groups) if h.groups is not None else None
-        res = await self._hellos.call(
-            HelloItem(h.member_id, h.mesh_id, h.pubkey, device_id, groups, now)
-        )
+        self._pending_hellos[h.mesh_id] = pending_here + 1
+        try:
+            res = await self._hellos.call(
+                HelloItem(h.member_id, h.mesh_id, h.pubkey, device_id, groups, now)
+            )
+        finally:
+            left = self._pending_hellos[h.mesh_id] - 1
+            if left:
+                self._pending_hellos[h.mesh_id] = left
+            else:
+                del self._pending_hellos[h.mesh_id]
         if res.error == errors.REVOKED:
             await self._refuse(conn, errors.REVOKED, "this member was revoked", CLOSE_REVOKED)
             return False

@@ -193,3 +193,30 @@ async def test_revoked_while_connected_cannot_send(tmp_path: Path) -> None:
             assert ack.error is not None
             assert ack.error.code == errors.REVOKED
             assert await a.closed() == 4002
+
+
+async def test_concurrent_hellos_cannot_overshoot_the_cap(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path, max_conns_per_mesh=3) as b:
+        mesh = b.mesh()
+        members = [b.member(mesh, f"m{i}") for i in range(8)]
+        outcomes: list[str] = []
+        done = trio.Event()
+        release = trio.Event()
+
+        async def one(ident: object) -> None:
+            async with open_peer(b.url) as p:
+                await p.send(signed_hello(ident))  # type: ignore[arg-type]
+                f = await p.expect((wire.HelloAck, wire.Error))  # type: ignore[arg-type]
+                outcomes.append("ok" if isinstance(f, wire.HelloAck) else f.code)
+                if len(outcomes) == len(members):
+                    done.set()
+                await release.wait()
+
+        async with trio.open_nursery() as n:
+            for m in members:
+                n.start_soon(one, m)
+            with trio.fail_after(10):
+                await done.wait()
+            release.set()
+        assert outcomes.count("ok") == 3
+        assert outcomes.count(errors.TOO_MANY_CONNECTIONS) == 5
