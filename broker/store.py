@@ -146,6 +146,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+#: Queue rows to write for one send: (member id, device id, session key, target key).
+_Targets = list[tuple[str, str | None, str | None, str]]
+
+
 class StoreError(Exception):
     """Root of store errors; ``code`` is a stable wire code where one applies."""
 
@@ -674,11 +678,14 @@ class SqliteDB:
     def accept_sends(self, items: Sequence[SendItem]) -> list[SendOutcome]:
         """Commit a batch of sends in one transaction (group commit)."""
         out: list[SendOutcome] = []
+        # Lookups that cannot change inside the transaction, shared by the batch.
+        senders: dict[str, sqlite3.Row | None] = {}
+        routes: dict[tuple[str, str, str], _Targets | SendOutcome] = {}
         with self._tx():
             for item in items:
                 self.conn.execute("SAVEPOINT one")
                 try:
-                    res = self._accept_one(item)
+                    res = self._accept_one(item, senders, routes)
                 except sqlite3.Error as exc:
                     self.conn.execute("ROLLBACK TO one")
                     res = SendOutcome(error=(errors.INTERNAL, f"store error: {exc}"))
@@ -705,10 +712,18 @@ class SqliteDB:
                 )
         return outcomes, receipts
 
-    def _accept_one(self, it: SendItem) -> SendOutcome:
-        sender = self.conn.execute(
-            "SELECT revoked_at FROM members WHERE id = ?", (it.sender_member_id,)
-        ).fetchone()
+    def _accept_one(
+        self,
+        it: SendItem,
+        senders: dict[str, sqlite3.Row | None],
+        routes: dict[tuple[str, str, str], _Targets | SendOutcome],
+    ) -> SendOutcome:
+        if it.sender_member_id not in senders:
+            senders[it.sender_member_id] = self.conn.execute(
+                "SELECT pubkey, display_name, revoked_at FROM members WHERE id = ?",
+                (it.sender_member_id,),
+            ).fetchone()
+        sender = senders[it.sender_member_id]
         if sender is None or sender["revoked_at"] is not None:
             return SendOutcome(error=(errors.REVOKED, "the sending member is revoked"))
         if it.client_message_id is not None:
@@ -735,7 +750,10 @@ class SqliteDB:
                 return SendOutcome(
                     message_id=prev["id"], duplicate=True, recipients=prev["recipients"]
                 )
-        targets = self._resolve(it)
+        route = (it.mesh_id, it.sender_member_id, it.target_spec)
+        if route not in routes:
+            routes[route] = self._resolve(it)
+        targets = routes[route]
         if isinstance(targets, SendOutcome):
             return targets
         message_id = ids.uuid7()
@@ -766,9 +784,7 @@ class SqliteDB:
             ),
         )
         deliveries: list[Delivery] = []
-        sender_row = self.conn.execute(
-            "SELECT pubkey, display_name FROM members WHERE id = ?", (it.sender_member_id,)
-        ).fetchone()
+        sender_row = sender
         for member_id, device_id, session_pk, target_pk in targets:
             cur = self.conn.execute(
                 "INSERT INTO queue (message_id, member_id, device_id, session_pubkey,"
@@ -824,7 +840,7 @@ class SqliteDB:
             out.extend((r["id"], d, None, r["pubkey"]) for d in devices)
         return out
 
-    def _resolve(self, it: SendItem) -> list[tuple[str, str | None, str | None, str]] | SendOutcome:
+    def _resolve(self, it: SendItem) -> _Targets | SendOutcome:
         spec = it.target_spec
         if spec in ("*", "@all") or spec.startswith("#"):
             rows = self.conn.execute(
