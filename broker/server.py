@@ -62,6 +62,8 @@ LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 CLOSE_POLICY: Final = 1008
 CLOSE_REVOKED: Final = 4002
 CLOSE_TRY_LATER: Final = 1013
+#: Pre-hello requests (mesh_create, invite_claim, errors) one connection may make.
+MAX_PREHELLO_FRAMES: Final = 32
 FEATURES: Final = [
     "offline_queue",
     "dedupe",
@@ -418,7 +420,9 @@ class Broker:
                 if texts:
                     await conn.ws.send_texts(texts)
                 if isinstance(item, _Close):
-                    await conn.ws.aclose(item.code, item.reason)
+                    await conn.ws.send_close(item.code, item.reason)
+                    # The reading task ends the connection when the peer answers.
+                    await trio.sleep(2)
                     break
         except ConnectionClosed:
             pass
@@ -447,22 +451,29 @@ class Broker:
         """Handshake refusal: an error frame, then close."""
         self.stats["errors"] += 1
         log("refused", remote=conn.remote, code=code)
+        # Through the writer, so the frames queued before this one go first.
+        self._emit(conn, wire.Error(code=code, message=message))
+        try:
+            conn.out.send_nowait(_Close(close, code))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
         with trio.move_on_after(2):
-            try:
-                await conn.ws.send_message(
-                    wire.encode_frame(wire.Error(code=code, message=message)).decode()
-                )
-                await conn.ws.aclose(close, code)
-            except ConnectionClosed:
-                pass
+            await conn.ws.drain()
 
     # ----------------------------------------------------------- reading
 
     async def _reader(self, conn: Conn, nursery: trio.Nursery) -> None:
         # Before hello: pre-hello requests, within the hello timeout.
         with trio.move_on_after(self.config.hello_timeout) as cs:
+            frames = 0
             while True:
                 msg = await conn.ws.get_message()
+                frames += 1
+                if frames > MAX_PREHELLO_FRAMES:
+                    await self._refuse(
+                        conn, errors.RATE_LIMITED, "too many frames before hello", CLOSE_POLICY
+                    )
+                    return
                 try:
                     frame = wire.decode_frame(msg)
                 except RemoteProtocolError as exc:

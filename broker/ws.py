@@ -156,8 +156,8 @@ class WebSocket:
         await self._write([Ping(payload=payload)])
         await waiter.wait()
 
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Send a close frame (if still open) and drop the TCP stream."""
+    async def send_close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; the reading task sees the peer's reply."""
         if self.closed is None:
             self.closed = code
             try:
@@ -165,7 +165,29 @@ class WebSocket:
                     await self._write([CloseConnection(code=code, reason=reason)])
             except ConnectionClosed:
                 pass
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (if still open) and drop the TCP stream."""
+        await self.send_close(code, reason)
         await self._close_stream()
+
+    async def drain(self) -> None:
+        """Read and drop until the peer's close frame (the caller bounds the wait).
+
+        Used by the reading task after a close was sent: closing TCP with the
+        peer's frames unread makes the kernel reset the connection, and the
+        peer may then lose our last frames.
+        """
+        try:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                self._proto.receive_data(data)
+                if any(isinstance(e, CloseConnection) for e in self._proto.events()):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError):
+            return
 
     async def _close_stream(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):

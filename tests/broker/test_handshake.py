@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 from pathlib import Path
 
 import pytest
 import trio
 from cmtest.broker import new_key, now_ms, open_inproc_broker, open_peer, signed_hello
+from trio_websocket import ConnectionClosed
 
 from claudemesh.shared.protocol import errors, wire
 
@@ -220,3 +222,14 @@ async def test_concurrent_hellos_cannot_overshoot_the_cap(tmp_path: Path) -> Non
             release.set()
         assert outcomes.count("ok") == 3
         assert outcomes.count(errors.TOO_MANY_CONNECTIONS) == 5
+
+
+async def test_too_many_frames_before_hello_closes(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b, open_peer(b.url) as p:
+        with contextlib.suppress(ConnectionClosed):  # the broker may close mid-way
+            for _ in range(40):
+                await p.send_raw("{}")
+        assert await p.closed() == 1008
+        codes = [f.code for f in p.backlog if isinstance(f, wire.Error)]
+        assert codes.count(errors.MALFORMED) == 32
+        assert codes[-1] == errors.RATE_LIMITED, p.backlog[-3:]
