@@ -143,11 +143,15 @@ def serve(
                 await store.aclose()
             log("stopped")
 
+    failed: OSError | None = None
     try:
         trio.run(main)
-    except OSError as exc:
-        log("listen_failed", error=str(exc))
-        _fail(f"cannot listen on {host}:{port}: {exc}", 3)
+    except* OSError as group:  # binding failed (trio raises it inside a group)
+        first = group.exceptions[0]
+        failed = first if isinstance(first, OSError) else OSError(str(first))
+    if failed is not None:
+        log("listen_failed", error=str(failed))
+        _fail(f"cannot listen on {host}:{port}: {failed}", 3)
 
 
 @mesh_app.command(name="create")

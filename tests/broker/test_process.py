@@ -148,3 +148,44 @@ async def a_roundtrip(p: object) -> None:
     """Wait until everything sent before has been processed by the broker."""
     reply = await p.request(wire.ListPeers(id="sync"))  # type: ignore[attr-defined]
     assert isinstance(reply, wire.PeersList)
+
+
+def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "claudemesh.broker",
+                "serve",
+                "--port",
+                str(port),
+                "--db",
+                str(tmp_path / "b.db"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert res.returncode == 3
+    assert "cannot listen" in res.stderr
+
+
+def test_admin_errors_are_clear(tmp_path: Path) -> None:
+    db = tmp_path / "admin.db"
+    with pytest.raises(BrokerError, match="no mesh"):
+        admin(db, "member", "list", "nope")
+    mesh = create_mesh(db, "m")
+    key = new_key()
+    member_id = add_member(db, mesh, key.public_hex, "k")
+    # revoke by public key as well as by id
+    assert revoke_member(db, mesh, key.public_hex) == member_id
+    with pytest.raises(BrokerError, match="no member"):
+        revoke_member(db, mesh, "missing")
+    assert oct(db.stat().st_mode & 0o777) == oct(0o600)
