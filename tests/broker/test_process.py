@@ -3,6 +3,7 @@ admin commands beside a running server, schema guard, and no plaintext on disk."
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -189,3 +190,49 @@ def test_admin_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(BrokerError, match="no member"):
         revoke_member(db, mesh, "missing")
     assert oct(db.stat().st_mode & 0o777) == oct(0o600)
+
+
+@pytest.mark.slow
+async def test_every_acked_send_survives_kill_9_mid_burst(tmp_path: Path) -> None:
+    import trio
+
+    from claudemesh.shared.protocol import crypto
+
+    with run_broker(tmp_path) as broker:
+        mesh = create_mesh(broker.db_path, "burst")
+        alice = enroll(broker.db_path, mesh, "alice")
+        bob = enroll(broker.db_path, mesh, "bob")
+        acked: list[str] = []
+        async with open_peer(broker.url, alice) as a:
+            for i in range(300):
+                nonce, ct = crypto.box_encrypt(
+                    b"x", sender=alice.key, recipient_pubkey_hex=bob.pubkey
+                )
+                await a.send(
+                    wire.Send(
+                        id=str(i),
+                        target_spec=bob.pubkey,
+                        priority="now",
+                        nonce=nonce,
+                        ciphertext=ct,
+                        client_message_id=f"b{i}",
+                    )
+                )
+            with trio.fail_after(10):
+                while len(acked) < 60:
+                    ack = await a.expect(wire.Ack)
+                    assert ack.queued
+                    acked.append(ack.message_id)
+            broker.kill()  # mid-burst: some sends are acked, some in flight, some unread
+            with contextlib.suppress(Exception):
+                while True:  # acks that were already on the wire count as acked too
+                    ack = await a.expect(wire.Ack, within=1)
+                    acked.append(ack.message_id)
+        broker.start()
+        got: set[str] = set()
+        async with open_peer(broker.url, bob) as bb:
+            with trio.move_on_after(10):
+                while not set(acked) <= got:
+                    got.add((await bb.message()).message_id)
+        missing = set(acked) - got
+        assert not missing, f"{len(missing)} acked sends lost"
