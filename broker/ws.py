@@ -1,9 +1,12 @@
-"""A lean server-side WebSocket over a trio stream, on wsproto.
+"""A lean server-side WebSocket over a trio stream.
 
 Why not trio-websocket: it runs a reader task and a channel hop per message
 and one socket write per message, which was most of the broker's CPU per
 delivered envelope.  Here the connection's own task parses frames as it asks
 for the next message, and a writer can put many frames into one write.
+wsproto (h11) does the opening handshake; after it, :class:`Framer` (a small
+sans-io RFC 6455 framer, no extensions) does the framing, because wsproto's
+generic frame parser was a third of the broker's CPU per message.
 
 Rules: one task calls :meth:`WebSocket.get_message` (it also answers pings
 and records pongs); any task may send, writes are serialised by a lock, and
@@ -21,13 +24,8 @@ import trio
 import wsproto
 from wsproto.events import (
     AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Pong,
     RejectConnection,
     Request,
-    TextMessage,
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
@@ -46,20 +44,150 @@ class ConnectionClosed(Exception):
         self.reason = reason
 
 
+class FrameError(Exception):
+    """The peer broke RFC 6455 framing; ``code`` is the close code to send."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+_TEXT: Final = 0x1
+_BINARY: Final = 0x2
+_CLOSE: Final = 0x8
+_PING: Final = 0x9
+_PONG: Final = 0xA
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    n = len(payload)
+    if n == 0:
+        return b""
+    key = int.from_bytes(mask * (n // 4 + 1), "little") & ((1 << (8 * n)) - 1)
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+
+
+def _header(opcode: int, n: int) -> bytes:
+    if n < 126:
+        return bytes((0x80 | opcode, n))
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+
+
+def frame_text(text: str) -> bytes:
+    data = text.encode()
+    return _header(_TEXT, len(data)) + data
+
+
+def frame_control(opcode: int, payload: bytes) -> bytes:
+    return _header(opcode, len(payload)) + payload
+
+
+def frame_close(code: int, reason: str = "") -> bytes:
+    return frame_control(_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+
+
+class Framer:
+    """Sans-io server side of RFC 6455 framing (no extensions): bytes in, events out.
+
+    Events: ``("message", str | bytes)``, ``("ping", bytes)``, ``("pong", bytes)``,
+    ``("close", code, reason)``.  Client frames must be masked.
+    """
+
+    def __init__(self, max_message: int) -> None:
+        self._buf = bytearray()
+        self._max = max_message
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._opcode = 0
+
+    def feed(self, data: bytes) -> list[tuple[object, ...]]:
+        self._buf += data
+        events: list[tuple[object, ...]] = []
+        buf = self._buf
+        pos = 0
+        while True:
+            if len(buf) - pos < 2:
+                break
+            b0, b1 = buf[pos], buf[pos + 1]
+            fin, rsv, opcode = b0 & 0x80, b0 & 0x70, b0 & 0x0F
+            if rsv:
+                raise FrameError(CLOSE_PROTOCOL, "reserved bits set")
+            if not b1 & 0x80:
+                raise FrameError(CLOSE_PROTOCOL, "client frames must be masked")
+            n = b1 & 0x7F
+            head = 2
+            if n == 126:
+                if len(buf) - pos < 4:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif n == 127:
+                if len(buf) - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if opcode >= 0x8 and (n > 125 or not fin):
+                raise FrameError(CLOSE_PROTOCOL, "bad control frame")
+            if opcode < 0x8 and self._size + n > self._max:
+                raise FrameError(CLOSE_TOO_BIG, "message too big")
+            end = pos + head + 4 + n
+            if len(buf) < end:
+                break
+            mask = bytes(buf[pos + head : pos + head + 4])
+            payload = _unmask(bytes(buf[pos + head + 4 : end]), mask)
+            pos = end
+            if opcode in (_TEXT, _BINARY):
+                if self._parts:
+                    raise FrameError(CLOSE_PROTOCOL, "new message inside a fragmented one")
+                self._opcode = opcode
+                self._parts.append(payload)
+                self._size += n
+            elif opcode == 0x0:
+                if not self._parts:
+                    raise FrameError(CLOSE_PROTOCOL, "continuation without a message")
+                self._parts.append(payload)
+                self._size += n
+            elif opcode == _PING:
+                events.append(("ping", payload))
+                continue
+            elif opcode == _PONG:
+                events.append(("pong", payload))
+                continue
+            elif opcode == _CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                reason = payload[2:].decode("utf-8", "replace")
+                events.append(("close", code, reason))
+                break
+            else:
+                raise FrameError(CLOSE_PROTOCOL, f"unknown opcode {opcode}")
+            if fin:
+                whole = b"".join(self._parts)
+                self._parts, self._size = [], 0
+                if self._opcode == _TEXT:
+                    try:
+                        events.append(("message", whole.decode()))
+                    except UnicodeDecodeError:
+                        raise FrameError(1007, "text message is not UTF-8") from None
+                else:
+                    events.append(("message", whole))
+        del buf[:pos]
+        return events
+
+
 class WebSocket:
     """One accepted server-side WebSocket connection."""
 
-    def __init__(self, stream: trio.SocketStream, proto: wsproto.WSConnection, max_message: int):
+    def __init__(self, stream: trio.SocketStream, max_message: int):
         self.stream = stream
-        self._proto = proto
-        self._max = max_message
+        self._framer = Framer(max_message)
         self._lock = trio.Lock()
         self._messages: deque[str | bytes] = deque()
-        self._parts: list[str | bytes] = []
-        self._size = 0
         self._pings: dict[bytes, trio.Event] = {}
         self.closed: int | None = None
-        self._primed = False
+        self._close_sent = False
         try:
             peer = stream.socket.getpeername()
             self.remote = f"{peer[0]}:{peer[1]}"
@@ -70,9 +198,6 @@ class WebSocket:
 
     async def get_message(self) -> str | bytes:
         """The next whole message; answers pings on the way."""
-        if not self._primed:  # bytes that came in with the handshake
-            self._primed = True
-            await self._process()
         while not self._messages:
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
@@ -84,53 +209,44 @@ class WebSocket:
                 self.closed = CLOSE_ABNORMAL
                 raise ConnectionClosed(CLOSE_ABNORMAL, "connection lost")
             try:
-                self._proto.receive_data(data)
-                await self._process()
-            except RemoteProtocolError as exc:
-                await self._fail(CLOSE_PROTOCOL, str(exc)[:100])
+                events = self._framer.feed(data)
+            except FrameError as exc:
+                await self.aclose(exc.code, exc.reason)
+                raise ConnectionClosed(exc.code, exc.reason) from None
+            for event in events:
+                kind = event[0]
+                if kind == "message":
+                    self._messages.append(event[1])  # type: ignore[arg-type]
+                elif kind == "ping":
+                    payload = event[1]
+                    assert isinstance(payload, bytes)
+                    await self._write_raw(frame_control(_PONG, payload))
+                elif kind == "pong":
+                    pong = event[1]
+                    assert isinstance(pong, bytes)
+                    waiter = self._pings.pop(pong, None)
+                    if waiter is not None:
+                        waiter.set()
+                elif kind == "close":
+                    code, reason = event[1], event[2]
+                    assert isinstance(code, int)
+                    assert isinstance(reason, str)
+                    if not self._close_sent:
+                        self._close_sent = True
+                        # Echo a valid code (1005 means none was given).
+                        echo = code if 1000 <= code < 5000 and code not in (1005, 1006) else 1000
+                        try:
+                            await self._write_raw(frame_close(echo))
+                        except ConnectionClosed:
+                            pass
+                    self.closed = self.closed or code
+                    await self._close_stream()
+                    raise ConnectionClosed(code, reason)
         return self._messages.popleft()
-
-    async def _process(self) -> None:
-        for event in self._proto.events():
-            if isinstance(event, TextMessage | BytesMessage):
-                self._size += len(event.data)
-                if self._size > self._max:
-                    await self._fail(CLOSE_TOO_BIG, "message too big")
-                self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
-                if event.message_finished:
-                    parts, self._parts, self._size = self._parts, [], 0
-                    if len(parts) == 1:
-                        self._messages.append(parts[0])
-                    elif isinstance(parts[0], str):
-                        self._messages.append("".join(p for p in parts if isinstance(p, str)))
-                    else:
-                        self._messages.append(b"".join(p for p in parts if isinstance(p, bytes)))
-            elif isinstance(event, Ping):
-                await self._write([event.response()])
-            elif isinstance(event, Pong):
-                waiter = self._pings.pop(bytes(event.payload), None)
-                if waiter is not None:
-                    waiter.set()
-            elif isinstance(event, CloseConnection):
-                self.closed = event.code
-                try:
-                    await self._write([event.response()])
-                except ConnectionClosed:
-                    pass
-                await self._close_stream()
-                raise ConnectionClosed(event.code, event.reason or "")
-
-    async def _fail(self, code: int, reason: str) -> None:
-        await self.aclose(code, reason)
-        raise ConnectionClosed(code, reason)
 
     # -------------------------------------------------------------- sending
 
-    async def _write(self, events: Sequence[wsproto.events.Event]) -> None:
-        try:
-            data = b"".join(self._proto.send(e) for e in events)
-        except LocalProtocolError:
-            raise ConnectionClosed(self.closed or CLOSE_ABNORMAL) from None
+    async def _write_raw(self, data: bytes) -> None:
         async with self._lock:
             try:
                 await self.stream.send_all(data)
@@ -143,9 +259,9 @@ class WebSocket:
 
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Send text messages in order with one socket write."""
-        if self.closed is not None:
-            raise ConnectionClosed(self.closed)
-        await self._write([TextMessage(data=t) for t in texts])
+        if self.closed is not None or self._close_sent:
+            raise ConnectionClosed(self.closed or 1000)
+        await self._write_raw(b"".join(frame_text(t) for t in texts))
 
     async def ping(self) -> None:
         """Send a ping and wait for its pong (the reading task records it)."""
@@ -153,18 +269,19 @@ class WebSocket:
         waiter = self._pings[payload] = trio.Event()
         if self.closed is not None:
             raise ConnectionClosed(self.closed)
-        await self._write([Ping(payload=payload)])
+        await self._write_raw(frame_control(_PING, payload))
         await waiter.wait()
 
     async def send_close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake; the reading task sees the peer's reply."""
-        if self.closed is None:
-            self.closed = code
+        if self.closed is None and not self._close_sent:
+            self._close_sent = True
             try:
                 with trio.move_on_after(2):
-                    await self._write([CloseConnection(code=code, reason=reason)])
+                    await self._write_raw(frame_close(code, reason))
             except ConnectionClosed:
                 pass
+        self.closed = self.closed or code
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame (if still open) and drop the TCP stream."""
@@ -183,10 +300,9 @@ class WebSocket:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 if not data:
                     return
-                self._proto.receive_data(data)
-                if any(isinstance(e, CloseConnection) for e in self._proto.events()):
+                if any(e[0] == "close" for e in self._framer.feed(data)):
                     return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
             return
 
     async def _close_stream(self) -> None:
@@ -223,4 +339,4 @@ async def accept(stream: trio.SocketStream, *, path: str, max_message: int) -> W
                     await stream.send_all(proto.send(AcceptConnection()))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
-                return WebSocket(stream, proto, max_message)
+                return WebSocket(stream, max_message)
