@@ -475,14 +475,24 @@ class Workspace:
 
     async def _system(self, frame: wire.Push) -> None:
         data = dict(frame.event_data or {})
-        ev = {
+
+        def text(key: str) -> str:
+            # eventData is free-form JSON: a mistyped value must not reach
+            # the peer cache (names are compared as strings) or subscribers.
+            v = data.get(key)
+            return v if isinstance(v, str) else ""
+
+        ev: dict[str, Any] = {
             "event": frame.event or "",
-            "pubkey": data.get("pubkey", ""),
-            "name": data.get("name", ""),
+            "pubkey": text("pubkey"),
+            "name": text("name"),
         }
-        if data.get("isSession"):
+        if data.get("isSession") is True:
             ev["is_session"] = True
         await self.store.add_event("peer", ev)
+        if not wire.is_pubkey_hex(ev["pubkey"]):
+            self.notify()
+            return
         for p in self.peers:
             if p["pubkey"] == ev["pubkey"]:
                 p["online"] = frame.event in ("peer_joined", "peer_returned")
@@ -493,8 +503,8 @@ class Workspace:
                 {
                     "pubkey": ev["pubkey"],
                     "display_name": ev["name"],
-                    "member_pubkey": data.get("memberPubkey") or ev["pubkey"],
-                    "is_session": bool(data.get("isSession")),
+                    "member_pubkey": text("memberPubkey") or ev["pubkey"],
+                    "is_session": data.get("isSession") is True,
                     "online": True,
                     "groups": [],
                     "status": "idle",
