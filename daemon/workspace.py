@@ -61,6 +61,8 @@ PERMANENT_CODES: Final = frozenset(
         errors.REVOKED,
     }
 )
+#: The longest ``retry_after_ms`` hint from the broker that is honoured.
+MAX_RETRY_AFTER_MS: Final = 3600_000
 NET_ERRORS: Final = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError)
 
 
@@ -106,6 +108,13 @@ def topic_id_for(target_spec: str) -> str | None:
 def retry_delay_ms(attempts: int) -> int:
     base = RETRY_DELAYS_S[min(max(attempts, 1), len(RETRY_DELAYS_S)) - 1]
     return int(base * 1000 * random.uniform(0.8, 1.2))
+
+
+def _sane_ms(value: int | None) -> int:
+    """A broker-supplied time, or now when it is missing or out of SQLite's range."""
+    if value is None or not 0 < value < 2**62:
+        return now_ms()
+    return value
 
 
 def iso_to_ms(text: str) -> int:
@@ -610,7 +619,7 @@ class Workspace:
             for r in receipts:
                 cmid = r.client_message_id or await self._cmid_for(r.message_id)
                 if cmid and r.recipient_pubkey:
-                    items.append((cmid, r.recipient_pubkey, r.state, r.at or now_ms(), r.reason))
+                    items.append((cmid, r.recipient_pubkey, r.state, _sane_ms(r.at), r.reason))
             if items:
                 await self.store.record_receipts(items)
             self.notify()
@@ -718,7 +727,9 @@ class Workspace:
         else:
             row = await self.store.get_outbox(cmid)
             attempts = int(row["attempts"]) if row else 1
-            next_at = now_ms() + max(retry_delay_ms(attempts), retry_after_ms or 0)
+            # The broker's hint is capped: a huge value must not overflow SQLite.
+            hint = min(max(retry_after_ms or 0, 0), MAX_RETRY_AFTER_MS)
+            next_at = now_ms() + max(retry_delay_ms(attempts), hint)
             await self.store.mark_retry(cmid, reason, next_at)
             self._claim_hint = min(self._claim_hint or next_at, next_at)
             self._wake_outbox.set()
