@@ -16,7 +16,9 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -112,6 +114,12 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # SQLite gives -wal and -shm the database file's mode, so the file is
+        # created 0600 before SQLite opens it (whatever the process umask).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                p.chmod(0o600)
         self._db = sqlite3.connect(
             str(path), check_same_thread=False, isolation_level=None, timeout=10.0
         )
@@ -125,7 +133,6 @@ class Store:
         db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
-        path.chmod(0o600)
 
     def close(self) -> None:
         self._db.close()
