@@ -11,6 +11,10 @@ any of them is broken):
 - Nothing is pushed before ``notifications/initialized``, and the first push
   waits a settle time after it (``CLAUDEMESH_MCP_SETTLE_S``, default 3 s).
 - Every ``meta`` value is a string and every key an identifier.
+- The adapter subscribes to messages only once Claude Code can take them
+  (after ``notifications/initialized`` and the settle time): the daemon
+  reports a message written to a session as ``surfaced``, so it must not be
+  read earlier.  The head cursor is noted at start, so nothing is missed.
 - The daemon link keeps one cursor per workspace in memory and advances it
   only after the notification line is written, so a reconnect (daemon
   restart) replays exactly what was not pushed yet: nothing lost, nothing
@@ -394,14 +398,26 @@ class Adapter:
                 self.session_id = self.session_id or reg.get("session_id")
                 self._own_keys.add(str(reg.get("session_pubkey", "")))
                 self._publish_session_id()
-                params: dict[str, Any] = {"workspace": name, "kinds": ["message", "peer"]}
+                if name not in self.cursors:
+                    # Only the head: a kind that never occurs streams nothing.
+                    head = await conn.call("subscribe", workspace=name, kinds=["-"])
+                    self.cursors[name] = int(head.get("cursor", 0))
+            if not self.ready.is_set():
+                log.info("registered session %s in %s", self.session_id, names)
+                # The daemon counts a message written to a session's subscription
+                # as surfaced; Claude Code can show it only after initialized (and
+                # the settle time), so nothing is taken from the daemon before.
+                await self.ready.wait()
+            for name in names:
+                params: dict[str, Any] = {
+                    "workspace": name,
+                    "kinds": ["message", "peer"],
+                    "cursor": self.cursors[name],
+                }
                 if self.session_id:
                     params["session_id"] = self.session_id
-                if name in self.cursors:
-                    params["cursor"] = self.cursors[name]
-                head = await conn.call("subscribe", **params)
+                await conn.call("subscribe", **params)
                 subs[conn.last_id] = name
-                self.cursors.setdefault(name, int(head.get("cursor", 0)))
             self.workspaces = names
             self._stats["connects"] += 1
             self._linked = True

@@ -185,8 +185,10 @@ async def test_nothing_pushed_before_initialized_then_after_settle(fake_daemon: 
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
         await wait_until(lambda: fake_daemon.subscribes())
         fake_daemon.message(body="early")
-        await wait_until(lambda: fake_daemon.sent_events == 1)
         await trio.testing.wait_all_tasks_blocked()
+        # Only the head was asked for: the daemon (which reports a message
+        # written to a session as surfaced) is not read before initialized.
+        assert fake_daemon.live_subscribes() == []
         assert h.adapter.statistics()["pushed"] == 0
         await h.send({"jsonrpc": "2.0", "id": 1, "method": "ping"})
         assert await h.recv() == {"jsonrpc": "2.0", "id": 1, "result": {}}
@@ -236,7 +238,7 @@ async def test_daemon_restart_resumes_from_cursor_without_loss_or_repeat(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
         await h.handshake()
-        await wait_until(lambda: fake_daemon.subscribes())
+        await wait_until(lambda: fake_daemon.live_subscribes())
         for i in range(3):
             fake_daemon.message(body=f"m{i}")
         got = [(await h.recv())["params"]["content"] for _ in range(3)]
@@ -248,9 +250,9 @@ async def test_daemon_restart_resumes_from_cursor_without_loss_or_repeat(
         fake_daemon.message(body="m6")
         got.append((await h.recv())["params"]["content"])
         assert got == [f"m{i}" for i in range(7)]
-        subs = fake_daemon.subscribes()
+        subs = fake_daemon.live_subscribes()
         assert len(subs) == 2
-        assert "cursor" not in subs[0]
+        assert subs[0]["cursor"] == 0  # the head noted before initialized
         assert subs[1]["cursor"] == 3
         assert h.adapter.statistics()["skipped_duplicates"] == 2
         await h.stdin_send.aclose()
@@ -280,7 +282,7 @@ async def test_every_workspace_is_subscribed_and_labelled(
         await nursery.start(daemon.serve)
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
         await h.handshake()
-        await wait_until(lambda: len(daemon.subscribes()) == 2)
+        await wait_until(lambda: len(daemon.live_subscribes()) == 2)
         daemon.message("beta", body="b")
         daemon.push("acme", "peer", {"event": "peer_left", "pubkey": "ab" * 32, "name": "dan"})
         first, second = await h.recv(), await h.recv()
@@ -309,6 +311,7 @@ async def test_session_id_comes_from_the_sessionstart_binding(fake_daemon: Any) 
     h.adapter.claude_pid = 4242
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
         await wait_until(lambda: fake_daemon.live_subscribes())
         assert fake_daemon.live_subscribes()[0]["session_id"] == "claude-uuid"
         await h.stdin_send.aclose()
@@ -318,6 +321,7 @@ async def test_no_binding_lets_the_daemon_name_the_session(fake_daemon: Any) -> 
     h = Harness(fake_daemon.home, settle_s=0, bind_wait_s=0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
         await wait_until(lambda: fake_daemon.live_subscribes())
         register = next(p for m, p in fake_daemon.requests if m == "session.register")
         assert "session_id" not in register

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 from cmtest.broker import run_broker
-from cmtest.daemon import DaemonProc, call, run_daemon, wait_for
+from cmtest.daemon import DaemonError, DaemonProc, call, run_daemon, wait_for
 from mcp.client import Client
 from mcp.client.extension import ClientExtension, NotificationBinding
 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -123,11 +123,15 @@ class RawClient:
         return reply
 
 
+async def wait_logged(stderr_path: Path, text: bytes) -> None:
+    with trio.fail_after(20):
+        while text not in await trio.Path(stderr_path).read_bytes():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
 async def wait_subscribed(stderr_path: Path) -> None:
     """The adapter logs once its subscription is live; before that a send would be missed."""
-    with trio.fail_after(20):
-        while b"subscribed to" not in await trio.Path(stderr_path).read_bytes():  # noqa: ASYNC110
-            await trio.sleep(0.02)
+    await wait_logged(stderr_path, b"subscribed to")
 
 
 async def start_adapter(
@@ -161,15 +165,25 @@ async def test_nothing_before_initialized_then_one_notification_with_meta(
 ) -> None:
     async with trio.open_nursery() as nursery:
         raw = await start_adapter(nursery, mesh.env("s-raw"), tmp_path / "adapter.err")
-        await wait_subscribed(tmp_path / "adapter.err")
+        await wait_logged(tmp_path / "adapter.err", b"registered session")
         sent = mesh.send("before the handshake")
         call(
             mesh.alice.home,
             "message.wait",
             client_message_id=sent["client_message_id"],
-            state="surfaced",
+            state="delivered",
         )
-        # Surfaced means the daemon handed it to the adapter; the adapter must hold it.
+        # Claude Code cannot show it yet, so it is not surfaced: the adapter
+        # has not taken it from the daemon (bob's unread inbox still has it).
+        with pytest.raises(DaemonError) as ei:
+            call(
+                mesh.alice.home,
+                "message.wait",
+                client_message_id=sent["client_message_id"],
+                state="surfaced",
+                timeout_s=1.0,
+            )
+        assert ei.value.code == "timeout"
         await raw.send({"jsonrpc": "2.0", "id": 7, "method": "ping"})
         assert await raw.recv() == {"jsonrpc": "2.0", "id": 7, "result": {}}
         reply = await raw.handshake()
@@ -184,6 +198,13 @@ async def test_nothing_before_initialized_then_one_notification_with_meta(
         assert meta["client_message_id"] == sent["client_message_id"]
         assert meta["priority"] == "next"
         assert set(meta) >= {"from_pubkey", "message_id"}
+        done = call(
+            mesh.alice.home,
+            "message.wait",
+            client_message_id=sent["client_message_id"],
+            state="surfaced",
+        )
+        assert done["state"] == "surfaced"
         await raw.send({"jsonrpc": "2.0", "id": 8, "method": "server/discover"})
         assert (await raw.recv())["error"]["code"] == -32601
         # Stdin closes: the adapter exits on its own, cleanly.
