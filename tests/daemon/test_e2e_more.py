@@ -423,3 +423,27 @@ def test_session_survives_daemon_restart_and_gets_its_queued_mail(
             a.home, "message.wait", client_message_id=r["client_message_id"], state="surfaced"
         )
         assert st["state"] == "surfaced"
+
+
+def test_mail_to_a_session_that_left_waits_for_its_resume(
+    short_tmp: Path, broker: BrokerProc, sleeper: subprocess.Popen[bytes]
+) -> None:
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        setup_pair(broker.url, a.home, b.home)
+        s = call(b.home, "session.register", session_id="s-gone", pid=sleeper.pid, cwd="/x")
+        wait_for(
+            lambda: any(
+                p["pubkey"] == s["session_pubkey"] for p in call(a.home, "peer.list")["peers"]
+            ),
+            what="alice sees the session",
+        )
+        call(b.home, "session.unregister", session_id="s-gone")
+        r = call(a.home, "message.send", to=s["session_pubkey"], body="for a session that left")
+        call(a.home, "message.wait", client_message_id=r["client_message_id"], state="sent")
+        # A resumed session (same id, same key) gets it; nothing is quarantined.
+        call(b.home, "session.register", session_id="s-gone", pid=sleeper.pid, cwd="/x")
+        call(a.home, "message.wait", client_message_id=r["client_message_id"], state="delivered")
+        got = inbox(b.home)
+        assert [m["body"] for m in got] == ["for a session that left"]
+        assert got[0]["to_key"] == s["session_pubkey"]
+        assert call(b.home, "quarantine.list")["rows"] == []
