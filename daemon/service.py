@@ -730,6 +730,9 @@ class Daemon:
         )
         session = ws.sessions.get(session_id) if session_id else None
         my_key = session.pubkey if session is not None else None
+        # A session's stream, or a reader that prints what it gets (the CLI's
+        # `inbox --follow`), takes each message: seen, and surfaced once.
+        takes = session is not None or _param(params, "mark_seen", bool, default=False)
         head = await ws.store.head()
         cursor = head if start is None else start
 
@@ -758,7 +761,7 @@ class Daemon:
                             if row is None:
                                 continue
                             data = message_view(row, ws, row["id"])
-                            if session is not None:
+                            if takes:
                                 surface_id = row["id"]
                         else:
                             data = json.loads(r["data"])

@@ -250,7 +250,7 @@ def test_inbox_follow_streams_events(fake: FakeDaemon, capsys: pytest.CaptureFix
     lines = [json.loads(line) for line in out.splitlines()]
     assert [m["body"] for m in lines[:2]] == ["one", "two"]
     assert "closed the connection" in err
-    assert ("subscribe", {"kinds": ["message"]}) in fake.requests
+    assert ("subscribe", {"kinds": ["message"], "mark_seen": True}) in fake.requests
 
 
 def test_workspace_verbs(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:

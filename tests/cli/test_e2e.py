@@ -200,12 +200,15 @@ def test_two_users_end_to_end(broker: BrokerProc) -> None:
         reader.start()
         try:
             alice.run("send", "bob", "streamed 1")
-            alice.run("send", "bob", "streamed 2")
+            streamed = alice.json("send", "bob", "streamed 2")["client_message_id"]
             got = [lines.get(timeout=DEADLINE_S).rstrip() for _ in range(2)]
             assert [line.split("  ", 1)[1] for line in got] == [
                 "alice: streamed 1",
                 "alice: streamed 2",
             ]
+            # Printed by a CLI read: seen, and surfaced for the sender.
+            wait_until("streamed surfaced", lambda: reached(alice, streamed, ("surfaced",)))
+            assert bob.json("inbox", "--unread")["messages"] == []
             follow.send_signal(signal.SIGINT)
             assert follow.wait(timeout=DEADLINE_S) == 0
             assert "Traceback" not in (follow.stderr.read() if follow.stderr else "")

@@ -165,7 +165,8 @@ def inbox(
 
 
 def _follow(params: dict[str, Any], *, json: bool, no_start: bool) -> int:
-    sub: dict[str, Any] = {"kinds": ["message"]}
+    # What is printed counts as read: seen, and surfaced for the sender.
+    sub: dict[str, Any] = {"kinds": ["message"], "mark_seen": True}
     if "workspace" in params:
         sub["workspace"] = params["workspace"]
     try:
