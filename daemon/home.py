@@ -159,6 +159,23 @@ class Home:
         _ensure_dir(self.root)
         for d in (self.identity_dir, self.sockets_dir, self.workspaces_dir, self.logs_dir):
             _ensure_dir(d)
+        # Files copied in by hand (the same root on a second machine) keep
+        # their modes: whatever holds a secret is made private again.
+        secret_files = [
+            self.identity_dir / "root.key",
+            self.identity_dir / "device.id",
+            self.root / "state.json",
+            *self.workspaces_dir.glob("*/config.json"),
+            *self.workspaces_dir.glob("*/store.db*"),
+            *self.logs_dir.glob("daemon.log*"),
+        ]
+        for path in secret_files:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mode & 0o077:
+                    path.chmod(FILE_MODE)
+        for d in self.workspaces_dir.iterdir():
+            if d.is_dir():
+                _ensure_dir(d)
 
     def acquire_lock(self) -> None:
         """Take the per-home flock or raise :class:`AlreadyRunning`; then clear stale sockets."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -70,3 +72,30 @@ def test_everything_created_is_private(short_tmp: Path) -> None:
                 assert mode == 0o700, p
             else:
                 assert mode & 0o077 == 0, (p, oct(mode))
+
+
+def test_secret_files_copied_in_with_loose_modes_are_made_private(short_tmp: Path) -> None:
+    # The same root on a second machine is copied in by hand; cp and editors
+    # keep or widen modes. The daemon tightens what holds secrets at start.
+    home = short_tmp / "h"
+    (home / "identity").mkdir(parents=True, mode=0o700)
+    (home / "identity" / "root.key").write_bytes(os.urandom(32))
+    ws = home / "workspaces" / "team"
+    ws.mkdir(parents=True, mode=0o700)
+    cfg = {
+        "name": "team",
+        "mesh_id": "m1",
+        "member_id": "u1",
+        "broker_url": "ws://127.0.0.1:9/ws",
+        "display_name": "me",
+        "role": "member",
+        "root_key": base64.b64encode(os.urandom(32)).decode(),
+    }
+    (ws / "config.json").write_text(json.dumps(cfg))
+    (home / "state.json").write_text(json.dumps({"default": "team"}))
+    loose = [home / "identity" / "root.key", ws / "config.json", home / "state.json"]
+    for p in loose:
+        p.chmod(0o644)
+    with run_daemon(home):
+        for p in loose:
+            assert p.stat().st_mode & 0o777 == 0o600, p
