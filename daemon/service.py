@@ -68,8 +68,13 @@ def _param(
     v = params[name]
     if kind is int and isinstance(v, bool):
         raise ApiError(ipc.INVALID_PARAMS, f"param `{name}` must be an integer")
+    if kind is int and isinstance(v, int) and not -(2**63) <= v < 2**63:
+        # SQLite stores signed 64-bit integers; a larger one is bad input.
+        raise ApiError(ipc.INVALID_PARAMS, f"param `{name}` is out of range")
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
+    if kind is float and isinstance(v, float) and v != v:
+        raise ApiError(ipc.INVALID_PARAMS, f"param `{name}` must be a number, not NaN")
     if not isinstance(v, kind):
         raise ApiError(ipc.INVALID_PARAMS, f"param `{name}` must be {kind.__name__}")
     return v

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import struct
+from math import nan
 from pathlib import Path
 
 import pytest
 import trio
 
+from claudemesh.daemon.home import Home, WorkspaceConfig
 from claudemesh.daemon.ipcserver import IpcServer, peer_uid
 from claudemesh.shared.protocol import ipc
 from claudemesh.shared.protocol.framing import HEADER
@@ -254,3 +257,32 @@ async def test_peer_uid_check_refuses_a_real_foreign_process(short_tmp: Path) ->
     assert res.stdout.decode().strip() == "got 0", res.stderr.decode()
     assert server.refused == 1
     assert calls == []
+
+
+async def test_out_of_range_numbers_get_invalid_params(short_tmp: Path) -> None:
+    root = short_tmp / "h"
+    home = Home(root)
+    home.ensure()
+    home.save_workspace(
+        WorkspaceConfig(
+            name="team",
+            mesh_id="m1",
+            member_id="u1",
+            broker_url="ws://127.0.0.1:9/ws",
+            display_name="me",
+            role="member",
+            root_key=base64.b64encode(os.urandom(32)).decode(),
+        )
+    )
+    async with open_daemon(root), open_client(root / "daemon.sock") as c:
+        with trio.fail_after(10):
+            for method, params in [
+                ("message.inbox", {"after_cursor": 2**64 - 1}),
+                ("message.inbox", {"before_cursor": 2**63}),
+                ("subscribe", {"cursor": 2**64 - 1}),
+                ("message.wait", {"client_message_id": "x", "state": "sent", "timeout_s": nan}),
+            ]:
+                r = await c.request(method, **params)
+                assert r.error is not None, (method, params)
+                assert r.error.code == "invalid_params", (method, r.error)
+            assert (await c.request("daemon.status")).error is None
