@@ -20,6 +20,10 @@ from claudemesh.shared.protocol import ipc
 from claudemesh.shared.protocol.framing import FrameBuffer
 
 
+class HangUp(Exception):
+    """Raised by a handler: the fake closes the connection without answering."""
+
+
 class Fail(Exception):
     def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -121,6 +125,8 @@ class FakeDaemon:
                             reply = ipc.Reply(id=frame.id, result=handler(frame.params))
                         except Fail as exc:
                             reply = ipc.error_reply(frame.id, exc.code, exc.message, **exc.details)
+                        except HangUp:
+                            return  # like a daemon that died with the request in hand
                     conn.sendall(ipc.encode_ipc(reply))
                     if frame.method == "subscribe":
                         for i, event in enumerate(self.events):

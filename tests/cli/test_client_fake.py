@@ -7,13 +7,16 @@ and end-to-end suites cover the installed executable.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_daemon import Fail, FakeDaemon
+from fake_daemon import Fail, FakeDaemon, HangUp
 
 from claudemesh.clients.cli.app import run
+from claudemesh.shared.protocol import ids
 
 PEERS = {
     "peers": [
@@ -320,3 +323,21 @@ def test_usage_error_with_json_still_prints_one_document(
     assert doc["ok"] is False
     assert doc["error"]["code"] == "usage"
     assert "TEXT" in doc["error"]["message"]
+
+
+def test_send_makes_its_own_id_so_a_lost_answer_can_be_retried(
+    fake: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def crash(p: dict[str, Any]) -> dict[str, Any]:
+        raise HangUp  # the daemon dies with the request (maybe after its commit)
+
+    fake.handlers["message.send"] = crash
+    assert run(["send", "bob", "hi"]) == 3
+    _, err = _out(capsys)
+    sent = fake.requests[-1][1]
+    cmid = sent["client_message_id"]
+    assert ids.is_uuid(cmid), sent
+    assert uuid.UUID(cmid).version == 7
+    assert abs(ids.uuid7_time_ms(cmid) - time.time() * 1000) < 60_000
+    # The user is told the id, so re-sending cannot make a second message.
+    assert f"--id {cmid}" in err

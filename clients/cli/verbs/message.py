@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from typing import Any, Literal
 
 from ..client import connect
 from ..common import call, explain
-from ..errors import RequestFailed, UsageError
+from ..errors import CliError, RequestFailed, UsageError
 from ..output import ago, clean, now_ms, print_json, say, short_key, table
 
 State = Literal["accepted", "sent", "delivered", "surfaced"]
+
+
+def _uuid7() -> str:
+    """A UUIDv7 (RFC 9562) for one send.
+
+    Written out here rather than taken from ``protocol.ids`` because that
+    module's ``uuid`` and ``threading`` imports cost the send path ~4 ms, and
+    one id per process needs no monotonic counter.
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76  # version
+        | (rand >> 68) << 64  # rand_a: 12 bits
+        | 0b10 << 62  # variant
+        | (rand & ((1 << 62) - 1))  # rand_b: 62 bits
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def send(
@@ -62,16 +83,32 @@ def send(
         raise UsageError("The message is empty.")
     if timeout <= 0:
         raise UsageError("--timeout must be positive.")
-    params: dict[str, Any] = {"to": to, "body": body, "priority": priority}
-    if id is not None:
-        params["client_message_id"] = id
+    # The id is made here, not by the daemon: if the answer is lost (daemon
+    # killed after its commit, a timeout), the user can retry with it and the
+    # daemon's idempotency makes the retry harmless.
+    cmid = id if id is not None else _uuid7()
+    params: dict[str, Any] = {
+        "to": to,
+        "body": body,
+        "priority": priority,
+        "client_message_id": cmid,
+    }
     if reply_to is not None:
         params["reply_to"] = reply_to
     if workspace is not None:
         params["workspace"] = workspace
     with connect(autostart=not no_start) as conn:
         try:
-            result = conn.call("message.send", params)
+            try:
+                result = conn.call("message.send", params)
+            except RequestFailed:
+                raise
+            except CliError as exc:
+                exc.message = (
+                    f"{exc.message} The message may have been accepted: retry with "
+                    f"--id {cmid} (same text, same recipient) so it cannot be sent twice."
+                )
+                raise
             status = None
             if wait is not None and wait != "accepted":
                 status = conn.call(
