@@ -372,12 +372,20 @@ class Broker:
             task_status.started(self.port)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(self.config.hello_timeout):
-                ws = await accept(stream, path="/ws", max_message=self.config.max_frame)
-            if ws is None:
-                return
-            await self._serve_ws(ws)
+        # Runs in the server's nursery: anything escaping here would stop the
+        # whole broker, so one connection's failure is logged and contained.
+        try:
+            async with stream:
+                ws: WebSocket | None = None
+                with trio.move_on_after(self.config.hello_timeout):
+                    ws = await accept(stream, path="/ws", max_message=self.config.max_frame)
+                if ws is None:
+                    return
+                await self._serve_ws(ws)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception as exc:
+            log("connection_error", error=type(exc).__name__, detail=str(exc)[:200])
 
     async def _serve_ws(self, ws: WebSocket) -> None:
         send, recv = trio.open_memory_channel[Outgoing](self.config.outgoing_buffer)

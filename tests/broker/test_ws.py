@@ -105,3 +105,21 @@ async def test_garbage_after_handshake_closes_only_that_connection(tmp_path: Pat
                             pass
             reply = await a.request(wire.ListPeers(id="alive"))
             assert isinstance(reply, wire.PeersList)
+
+
+async def test_idle_or_garbage_tcp_before_upgrade_never_stops_the_broker(tmp_path: Path) -> None:
+    """A connection that never finishes the HTTP upgrade times out alone."""
+    async with open_inproc_broker(tmp_path, hello_timeout=0.3) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        for first in (b"", b"GET /ws HTTP/1.1\r\n", b"\x00\xff garbage\r\n\r\n"):
+            stream = await trio.open_tcp_stream("127.0.0.1", b.broker.port)
+            async with stream:
+                if first:
+                    await stream.send_all(first)
+                with trio.fail_after(5):  # the broker hangs up on it ...
+                    while await stream.receive_some(4096):
+                        pass
+        async with open_peer(b.url, alice) as a:  # ... and still serves everyone else
+            reply = await a.request(wire.ListPeers(id="alive"))
+            assert isinstance(reply, wire.PeersList)
