@@ -271,7 +271,7 @@ class IpcServer:
             result = await self.handler(conn, req)
             if isinstance(result, Streaming):
                 await conn.send(ipc.Reply(id=req.id, result=result.result))
-                await result.stream()
+                await self._stream(conn, req, result)
                 return
             reply = ipc.Reply(id=req.id, result=result if result is not None else {})
         except ApiError as exc:
@@ -285,3 +285,22 @@ class IpcServer:
             )
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await conn.send(reply)
+
+    async def _stream(self, conn: IpcConn, req: ipc.Request, result: Streaming) -> None:
+        """Run a stream after its reply; a failure ends it with one ``Error`` for its id
+        (a second ``Reply`` would break "exactly one reply per request")."""
+        try:
+            await result.stream()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            log.exception("stream of %s failed", req.method)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn.send(
+                    ipc.Error(
+                        code=errors.INTERNAL,
+                        message=f"the daemon's {req.method} stream failed (see its log); "
+                        "subscribe again from your last cursor",
+                        id=req.id,
+                    )
+                )

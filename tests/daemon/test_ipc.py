@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from claudemesh.daemon.home import Home, WorkspaceConfig
-from claudemesh.daemon.ipcserver import IpcServer, peer_uid
+from claudemesh.daemon.ipcserver import IpcServer, Streaming, peer_uid
 from claudemesh.shared.protocol import ipc
 from claudemesh.shared.protocol.framing import HEADER
 
@@ -286,3 +286,28 @@ async def test_out_of_range_numbers_get_invalid_params(short_tmp: Path) -> None:
                 assert r.error is not None, (method, params)
                 assert r.error.code == "invalid_params", (method, r.error)
             assert (await c.request("daemon.status")).error is None
+
+
+async def test_a_stream_that_fails_ends_with_one_error_frame_not_a_second_reply(
+    short_tmp: Path,
+) -> None:
+    async def handler(conn: object, req: ipc.Request) -> object:
+        async def stream() -> None:
+            raise RuntimeError("a bug in a subscription")
+
+        return Streaming({"cursor": 0}, stream)
+
+    server = IpcServer(short_tmp / "s.sock", handler)
+    async with trio.open_nursery() as n:
+        await n.start(server.serve)
+        async with open_client(short_tmp / "s.sock") as c:
+            with trio.fail_after(5):
+                await c.send(ipc.Request(id=1, method="subscribe", params={}))
+                first = await c.read()
+                second = await c.read()
+        assert isinstance(first, ipc.Reply)
+        assert first.error is None
+        assert isinstance(second, ipc.Error), second  # the client knows its stream ended
+        assert second.id == 1
+        assert second.code == "internal"
+        n.cancel_scope.cancel()
