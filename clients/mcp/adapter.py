@@ -214,6 +214,9 @@ class _DaemonConn:
             frame = await self.recv()
             if isinstance(frame, ipc.Event):
                 await self._events.send(frame)
+            elif isinstance(frame, ipc.Error):
+                # A stream the daemon ended: reconnect and resume from the cursor.
+                raise LinkDown(f"daemon error {frame.code}: {frame.message}")
 
 
 class Adapter:

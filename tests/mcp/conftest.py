@@ -81,6 +81,12 @@ class FakeDaemon:
                     stream = await listener.accept()
                     nursery.start_soon(self._handle, stream)
 
+    def fail_streams(self) -> None:
+        """End every subscription with an ``Error`` frame, as a daemon whose stream broke."""
+        for chan, sub, _ws in self._subs:
+            chan.send_nowait(ipc.Error(code="internal", message="stream failed", id=sub))
+        self._subs.clear()
+
     def stop(self) -> None:
         """Drop the listener and every connection, like a daemon that died."""
         assert self._scope is not None

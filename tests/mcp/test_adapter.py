@@ -435,3 +435,19 @@ async def test_replies_of_an_unexpected_shape_are_retried_not_fatal(fake_daemon:
         fake_daemon.message(body="fine again")
         assert (await h.recv())["params"]["content"] == "fine again"
         await h.stdin_send.aclose()
+
+
+async def test_a_stream_the_daemon_ends_with_an_error_is_resubscribed(fake_daemon: Any) -> None:
+    h = Harness(fake_daemon.home, session_id="s1", settle_s=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
+        await wait_until(lambda: fake_daemon.live_subscribes())
+        fake_daemon.message(body="one")
+        assert (await h.recv())["params"]["content"] == "one"
+        fake_daemon.fail_streams()
+        await wait_until(lambda: len(fake_daemon.live_subscribes()) == 2)
+        assert fake_daemon.live_subscribes()[1]["cursor"] == 1
+        fake_daemon.message(body="two")
+        assert (await h.recv())["params"]["content"] == "two"
+        await h.stdin_send.aclose()
