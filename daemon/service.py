@@ -369,12 +369,14 @@ class Daemon:
             )
         return {"default": self.default, "workspaces": out}
 
+    def _ws_choices(self) -> dict[str, Any]:
+        """Names to suggest for a mistyped workspace (none when there is none)."""
+        return {"candidates": sorted(self.workspaces)} if self.workspaces else {}
+
     async def m_ws_use(self, conn: IpcConn, params: dict[str, Any]) -> Any:
         name = _param(params, "name", str, required=True)
         if name not in self.workspaces:
-            raise ApiError(
-                ipc.NOT_FOUND, f"no workspace named {name!r}", candidates=sorted(self.workspaces)
-            )
+            raise ApiError(ipc.NOT_FOUND, f"no workspace named {name!r}", **self._ws_choices())
         self.default = name
         self.home.save_state({"default": name})
         return {"default": name}
@@ -383,9 +385,7 @@ class Daemon:
         name = _param(params, "name", str, required=True)
         ws = self.workspaces.pop(name, None)
         if ws is None:
-            raise ApiError(
-                ipc.NOT_FOUND, f"no workspace named {name!r}", candidates=sorted(self.workspaces)
-            )
+            raise ApiError(ipc.NOT_FOUND, f"no workspace named {name!r}", **self._ws_choices())
         ws.cancel_scope.cancel()
         await ws.stopped.wait()  # no task may touch the store once it is closed
         self._servers.pop(name, None)

@@ -94,6 +94,14 @@ def collapse(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0]
 
 
+def net_reason(exc: BaseException) -> str:
+    """Why a connection failed, in words (trio-websocket's HandshakeError has none itself)."""
+    for e in (exc, exc.__context__, exc.__cause__):
+        if e is not None and str(e):
+            return str(e)
+    return type(exc).__name__
+
+
 def topic_id_for(target_spec: str) -> str | None:
     """The topic id whose key encrypts a non-direct message (None: direct)."""
     if target_spec in ("*", "@all"):
@@ -135,7 +143,7 @@ async def broker_call(url: str, frame: wire.Frame, req_id: str) -> wire.Frame:
                     if getattr(reply, "id", None) == req_id or isinstance(reply, wire.Error):
                         return reply
     except NET_ERRORS as exc:
-        raise LinkDown(f"cannot reach the broker at {url}: {exc or type(exc).__name__}") from None
+        raise LinkDown(f"cannot reach the broker at {url}: {net_reason(exc)}") from None
     except RemoteProtocolError as exc:
         raise LinkDown(f"the broker at {url} sent a bad frame: {exc.message}") from None
 
@@ -309,7 +317,7 @@ class Workspace:
                 self.last_error = f"{exc.code}: {exc.message}"
                 log.warning("broker refused %s: %s", self.name, self.last_error)
             except (*NET_ERRORS, RemoteProtocolError, LinkDown) as exc:
-                self.last_error = str(exc) or type(exc).__name__
+                self.last_error = net_reason(exc)
                 log.info("link %s down: %s", self.name, self.last_error)
             except Exception as exc:  # a bug must not take the daemon down; retry
                 self.last_error = f"internal: {type(exc).__name__}"

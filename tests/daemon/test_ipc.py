@@ -126,6 +126,11 @@ async def test_bad_link_names_the_part(short_tmp: Path) -> None:
         r = await c.request("workspace.join", link=good)
         assert r.error is not None
         assert r.error.code == ipc.BROKER_UNREACHABLE
+        assert not r.error.message.rstrip().endswith(":"), r.error.message  # says why
+        r = await c.request("workspace.use", name="nope")
+        assert r.error is not None
+        assert r.error.code == ipc.NOT_FOUND
+        assert "candidates" not in (r.error.details or {})  # no workspaces: nothing to suggest
 
 
 async def test_foreign_uid_is_refused(short_tmp: Path) -> None:
