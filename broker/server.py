@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import sys
 import time
 import traceback
@@ -48,6 +49,7 @@ from .store import (
     HelloItem,
     HelloResult,
     Member,
+    MeshIdTaken,
     ReceiptRow,
     SendItem,
     SendOutcome,
@@ -55,6 +57,9 @@ from .store import (
     StoreError,
 )
 from .ws import ConnectionClosed, WebSocket, accept
+
+#: Mesh ids a creator may propose: URL- and path-safe, bounded.
+_MESH_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 I = TypeVar("I")  # noqa: E741
 
@@ -747,9 +752,22 @@ class Broker:
         if not wire.is_pubkey_hex(f.pubkey) or not crypto.verify(f.pubkey, canonical, f.signature):
             self._error(conn, errors.BAD_SIGNATURE, "mesh_create signature fails", f.id)
             return
-        mesh, member = await self.store.create_mesh(
-            f.name, now=now_ms(), admin_pubkey=f.pubkey, admin_name=f.display_name or "admin"
-        )
+        # The creator derives its member key from the mesh id, so it proposes
+        # one before signing; honouring it keeps "same root, same identity".
+        if f.mesh_id is not None and not _MESH_ID_RE.fullmatch(f.mesh_id):
+            self._error(conn, errors.INVALID_FIELD, "mesh_create: field `meshId`", f.id)
+            return
+        try:
+            mesh, member = await self.store.create_mesh(
+                f.name,
+                now=now_ms(),
+                admin_pubkey=f.pubkey,
+                admin_name=f.display_name or "admin",
+                mesh_id=f.mesh_id,
+            )
+        except MeshIdTaken as exc:
+            self._error(conn, exc.code, exc.message, f.id)
+            return
         assert member is not None
         log("mesh_created", mesh=mesh.id, member=member.id)
         self._emit(conn, wire.MeshCreated(id=f.id, mesh_id=mesh.id, member_id=member.id))

@@ -159,6 +159,13 @@ class StoreError(Exception):
         self.message = message
 
 
+class MeshIdTaken(StoreError):
+    """A creator proposed a mesh id that already exists."""
+
+    def __init__(self, mesh_id: str) -> None:
+        super().__init__(errors.INVALID_FIELD, f"mesh id {mesh_id!r} is already taken")
+
+
 # ------------------------------------------------------------------ values
 
 
@@ -312,7 +319,13 @@ class Store(Protocol):
 
     async def aclose(self) -> None: ...
     async def create_mesh(
-        self, name: str, *, now: int, admin_pubkey: str | None = None, admin_name: str = ""
+        self,
+        name: str,
+        *,
+        now: int,
+        admin_pubkey: str | None = None,
+        admin_name: str = "",
+        mesh_id: str | None = None,
     ) -> tuple[Mesh, Member | None]: ...
     async def get_member(self, member_id: str) -> Member | None: ...
     async def member_by_pubkey(self, mesh_id: str, pubkey: str) -> Member | None: ...
@@ -503,10 +516,22 @@ class SqliteDB:
     # -- meshes and members
 
     def create_mesh(
-        self, name: str, *, now: int, admin_pubkey: str | None = None, admin_name: str = ""
+        self,
+        name: str,
+        *,
+        now: int,
+        admin_pubkey: str | None = None,
+        admin_name: str = "",
+        mesh_id: str | None = None,
     ) -> tuple[Mesh, Member | None]:
-        mesh = Mesh(id=ids.uuid7(), name=name, created_at=now)
+        """Create a mesh; ``mesh_id`` is the creator's proposal (MeshIdTaken if used)."""
+        mesh = Mesh(id=mesh_id or ids.uuid7(), name=name, created_at=now)
         with self._tx():
+            if (
+                mesh_id is not None
+                and self.conn.execute("SELECT 1 FROM meshes WHERE id = ?", (mesh_id,)).fetchone()
+            ):
+                raise MeshIdTaken(mesh_id)
             self.conn.execute(
                 "INSERT INTO meshes (id, name, created_at) VALUES (?, ?, ?)",
                 (mesh.id, name, now),
@@ -1219,11 +1244,17 @@ class SqliteStore:
         await self._run(self.db.close)
 
     async def create_mesh(
-        self, name: str, *, now: int, admin_pubkey: str | None = None, admin_name: str = ""
+        self,
+        name: str,
+        *,
+        now: int,
+        admin_pubkey: str | None = None,
+        admin_name: str = "",
+        mesh_id: str | None = None,
     ) -> tuple[Mesh, Member | None]:
         def job() -> tuple[Mesh, Member | None]:
             return self.db.create_mesh(
-                name, now=now, admin_pubkey=admin_pubkey, admin_name=admin_name
+                name, now=now, admin_pubkey=admin_pubkey, admin_name=admin_name, mesh_id=mesh_id
             )
 
         return await self._run(job)

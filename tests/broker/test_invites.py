@@ -210,3 +210,22 @@ async def test_racing_claims_one_use_exactly_one_wins(tmp_path: Path) -> None:
         assert {e.code for e in losses} == {errors.INVITE_EXHAUSTED}
         members = b.store.db.list_members(mesh)
         assert len(members) == 2
+
+
+async def test_mesh_create_honours_the_proposed_mesh_id(tmp_path: Path) -> None:
+    """The creator derives its key from the mesh id, so the broker keeps its proposal."""
+    async with open_inproc_broker(tmp_path) as b:
+        key = new_key()
+        async with open_peer(b.url) as p:
+            created = await p.request(mesh_create(key, mesh_id="proposed-0001"))
+            assert isinstance(created, wire.MeshCreated)
+            assert created.mesh_id == "proposed-0001"
+        async with open_peer(b.url) as p:
+            again = await p.request(mesh_create(new_key(), mesh_id="proposed-0001"))
+            assert isinstance(again, wire.Error)
+            assert again.code == errors.INVALID_FIELD
+            assert "taken" in again.message
+        async with open_peer(b.url) as p:
+            bad = await p.request(mesh_create(new_key(), mesh_id="../etc"))
+            assert isinstance(bad, wire.Error)
+            assert bad.code == errors.INVALID_FIELD
