@@ -147,6 +147,14 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "outbox",
+        "Messages the daemon still has to send, or could not.",
+        [
+            ("list", "outbox:list_", "Outbox rows: pending, inflight, done, dead, aborted."),
+            ("requeue", "outbox:requeue", "Send a dead or stuck message again under a new id."),
+        ],
+    ),
+    (
         "status",
         "Your status as peers see it.",
         [("set", "presence:status_set", "Set your status: idle, working or dnd.")],

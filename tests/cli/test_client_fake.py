@@ -341,3 +341,39 @@ def test_send_makes_its_own_id_so_a_lost_answer_can_be_retried(
     assert abs(ids.uuid7_time_ms(cmid) - time.time() * 1000) < 60_000
     # The user is told the id, so re-sending cannot make a second message.
     assert f"--id {cmid}" in err
+
+
+def test_outbox_list_and_requeue(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.handlers["outbox.list"] = lambda p: {
+        "rows": [
+            {
+                "client_message_id": "m-dead",
+                "state": "dead",
+                "target": "bob",
+                "attempts": 1,
+                "created_at": 0,
+                "last_error": "unknown_target: no member",
+            }
+        ]
+    }
+    fake.handlers["outbox.requeue"] = lambda p: {
+        "old_client_message_id": p["client_message_id"],
+        "client_message_id": "m-new",
+    }
+    assert run(["outbox", "list", "--state", "dead"]) == 0
+    out, _ = _out(capsys)
+    assert out.splitlines()[0].split()[:3] == ["ID", "STATE", "TO"]
+    assert "m-dead" in out
+    assert "unknown_target" in out
+    assert fake.requests[-1] == ("outbox.list", {"state": "dead"})
+    assert run(["outbox", "requeue", "m-dead"]) == 0
+    out, _ = _out(capsys)
+    assert out == "m-dead aborted; sent again as m-new\n"
+    assert fake.requests[-1] == ("outbox.requeue", {"client_message_id": "m-dead"})
+    fake.handlers["outbox.requeue"] = lambda p: (_ for _ in ()).throw(
+        Fail("conflict", "m-done is done; only pending, inflight or dead rows can be requeued")
+    )
+    assert run(["outbox", "requeue", "m-done"]) == 1
+    _, err = _out(capsys)
+    assert "only pending, inflight or dead" in err
+    assert "Traceback" not in err
