@@ -148,6 +148,7 @@ class Push(_Frame, tag="push", kw_only=True):
     mesh_id: str
     sender_pubkey: str
     priority: Priority
+    # Empty in system notices; lenient on input but always encoded (v0.1).
     nonce: str = ""
     ciphertext: str = ""
     created_at: str = ""
@@ -198,6 +199,7 @@ class ListPeers(_Frame, tag="list_peers", kw_only=True):
 
 
 class PeerInfo(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+    # The v0.1 fields are lenient on input but always encoded (see encode_frame).
     pubkey: str
     display_name: str
     status: PeerStatus = "idle"
@@ -411,8 +413,32 @@ _MISSING_RE: Final = re.compile(r"missing required field `([^`]+)`")
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """Serialise a frame to the JSON bytes sent in one WebSocket message."""
+    """Serialise a frame to the JSON bytes sent in one WebSocket message.
+
+    Defaults are omitted to keep frames small, except v0.1 fields that v0.1
+    clients read unconditionally: those are put back when they were empty.
+    """
+    if isinstance(frame, Push) and not (frame.nonce and frame.ciphertext and frame.created_at):
+        obj = msgspec.to_builtins(frame)
+        for key in ("nonce", "ciphertext", "createdAt"):
+            obj.setdefault(key, "")
+        return _encoder.encode(obj)
+    if isinstance(frame, PeersList):
+        obj = msgspec.to_builtins(frame)
+        for peer in obj["peers"]:
+            for key, value in _PEER_V01_DEFAULTS:
+                peer.setdefault(key, value() if callable(value) else value)
+        return _encoder.encode(obj)
     return _encoder.encode(frame)
+
+
+_PEER_V01_DEFAULTS: Final[tuple[tuple[str, Any], ...]] = (
+    ("status", "idle"),
+    ("summary", ""),
+    ("groups", list),
+    ("sessionId", ""),
+    ("connectedAt", ""),
+)
 
 
 def decode_frame(data: bytes | str, *, max_frame: int | None = None) -> Frame:

@@ -54,7 +54,20 @@ SAMPLES: list[wire.Frame] = [
     wire.ClientAck(broker_message_id="b1"),
     wire.Receipt(message_id="b1", state="delivered", receipt_id="r1", client_message_id="c1"),
     wire.ListPeers(),
-    wire.PeersList(peers=[wire.PeerInfo(pubkey=PK, display_name="bob", online=True)]),
+    wire.PeersList(
+        peers=[
+            wire.PeerInfo(
+                pubkey=PK,
+                display_name="bob",
+                status="idle",
+                summary="",
+                groups=[],
+                session_id="",
+                connected_at="",
+                online=True,
+            )
+        ]
+    ),
     wire.SetStatus(status="working"),
     wire.SetSummary(summary="refactoring"),
     wire.JoinGroup(name="ops"),
@@ -268,3 +281,31 @@ def test_canonical_strings() -> None:
     assert wire.is_pubkey_hex(PK)
     assert not wire.is_pubkey_hex(PK.upper())
     assert not wire.is_pubkey_hex(PK[:-1])
+
+
+def test_v01_fields_are_on_the_wire_even_when_empty() -> None:
+    """v0.1 clients read these unconditionally; omitting defaults must not drop them."""
+    system = wire.Push(
+        message_id="b",
+        mesh_id="m",
+        sender_pubkey=PK,
+        priority="low",
+        nonce="",
+        ciphertext="",
+        created_at="2026-01-01T00:00:00Z",
+        subtype="system",
+    )
+    assert {"nonce", "ciphertext", "createdAt", "priority"} <= set(
+        json.loads(wire.encode_frame(system))
+    )
+    offline = wire.PeerInfo(
+        pubkey=PK,
+        display_name="bob",
+        status="idle",
+        summary="",
+        groups=[],
+        session_id="",
+        connected_at="",
+    )
+    listed = json.loads(wire.encode_frame(wire.PeersList(peers=[offline])))["peers"][0]
+    assert {"status", "summary", "groups", "sessionId", "connectedAt"} <= set(listed)
