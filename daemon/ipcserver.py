@@ -293,6 +293,9 @@ class IpcServer:
             await result.stream()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        except ApiError as exc:  # the stream ended for a reason the client can act on
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn.send(ipc.Error(code=exc.code, message=exc.message, id=req.id))
         except Exception:
             log.exception("stream of %s failed", req.method)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -390,6 +390,7 @@ class Daemon:
         await ws.stopped.wait()  # no task may touch the store once it is closed
         self._servers.pop(name, None)
         ws.store.close()
+        ws.notify()  # its subscriptions see that it was left and end
         self.home.remove_workspace(name)
         if self.default == name:
             self.default = None
@@ -739,12 +740,24 @@ class Daemon:
         # `inbox --follow`), takes each message: seen, and surfaced once.
         takes = session is not None or _param(params, "mark_seen", bool, default=False)
         head = await ws.store.head()
+        if start is not None and start > head:
+            # Event cursors never go back, so this one came from an earlier store
+            # of the same name (left and joined again); waiting for it to be
+            # reached would silently skip everything before it.
+            raise ApiError(
+                "cursor_ahead",
+                f"cursor {start} is past the newest event of {ws.name} ({head}); "
+                "subscribe from 0 (or without a cursor) to read this workspace",
+                head=head,
+            )
         cursor = head if start is None else start
 
         async def stream() -> None:
             nonlocal cursor
             while True:
                 changed = ws.changed
+                if self.workspaces.get(ws.name) is not ws:
+                    raise ApiError(ipc.NO_WORKSPACE, f"workspace {ws.name!r} was left")
                 rows = await ws.store.events_with_messages(cursor)
                 if not rows:
                     await changed.wait()

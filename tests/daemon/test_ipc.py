@@ -316,3 +316,40 @@ async def test_a_stream_that_fails_ends_with_one_error_frame_not_a_second_reply(
         assert second.id == 1
         assert second.code == "internal"
         n.cancel_scope.cancel()
+
+
+async def test_a_cursor_from_another_store_is_refused_and_leave_ends_streams(
+    short_tmp: Path,
+) -> None:
+    root = short_tmp / "h"
+    home = Home(root)
+    home.ensure()
+    home.save_workspace(
+        WorkspaceConfig(
+            name="team",
+            mesh_id="m1",
+            member_id="u1",
+            broker_url="ws://127.0.0.1:9/ws",
+            display_name="me",
+            role="member",
+            root_key=base64.b64encode(os.urandom(32)).decode(),
+        )
+    )
+    async with (
+        open_daemon(root),
+        open_client(root / "daemon.sock") as c,
+        open_client(root / "daemon.sock") as sub,
+    ):
+        with trio.fail_after(10):
+            # A cursor past the newest event belongs to an earlier store of the same
+            # name (left and joined again): silently waiting for it would lose mail.
+            r = await c.request("subscribe", cursor=5)
+            assert r.error is not None
+            assert r.error.code == "cursor_ahead"
+            assert r.error.details == {"head": 0}
+            ok = await sub.request("subscribe")
+            assert ok.error is None
+            assert (await c.request("workspace.leave", name="team")).error is None
+            ended = await sub.read()
+        assert isinstance(ended, ipc.Error), ended  # the stream ends instead of hanging
+        assert ended.id == ok.id
