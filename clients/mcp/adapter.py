@@ -84,6 +84,14 @@ class LinkDown(AdapterError):
     """The daemon link failed; it is retried with backoff."""
 
 
+class DaemonRefused(LinkDown):
+    """The daemon answered a request with an error body."""
+
+    def __init__(self, method: str, code: str, message: str) -> None:
+        super().__init__(f"{method}: {code}: {message}")
+        self.code = code
+
+
 class StdoutClosed(AdapterError):
     """Claude Code stopped reading us: nothing left to do but exit."""
 
@@ -204,7 +212,7 @@ class _DaemonConn:
                 await self._events.send(frame)
             elif isinstance(frame, ipc.Reply) and frame.id == self._next_id:
                 if frame.error is not None:
-                    raise LinkDown(f"{method}: {frame.error.code}: {frame.error.message}")
+                    raise DaemonRefused(method, frame.error.code, frame.error.message)
                 return frame.result
             elif isinstance(frame, ipc.Error):
                 raise LinkDown(f"daemon error {frame.code}: {frame.message}")
@@ -419,7 +427,16 @@ class Adapter:
                 }
                 if self.session_id:
                     params["session_id"] = self.session_id
-                await conn.call("subscribe", **params)
+                try:
+                    await conn.call("subscribe", **params)
+                except DaemonRefused as exc:
+                    if exc.code != "cursor_ahead":
+                        raise
+                    # Our cursor belongs to an earlier store of this name (left and
+                    # joined again): everything in the new one is unseen by us.
+                    log.info("workspace %s was re-created; reading it from its start", name)
+                    self.cursors[name] = params["cursor"] = 0
+                    await conn.call("subscribe", **params)
                 subs[conn.last_id] = name
             self.workspaces = names
             self._stats["connects"] += 1

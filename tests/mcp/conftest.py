@@ -132,6 +132,11 @@ class FakeDaemon:
         elif frame.method == "session.register":
             result = {"session_id": p.get("session_id") or "made-by-daemon", "session_pubkey": "0"}
         elif frame.method == "subscribe":
+            if p.get("cursor", 0) > self.head:  # as the real daemon: a cursor of another store
+                out.send_nowait(
+                    ipc.error_reply(frame.id, "cursor_ahead", "cursor ahead", head=self.head)
+                )
+                return
             out.send_nowait(ipc.Reply(id=frame.id, result={"cursor": self.head}))
             if "cursor" in p:
                 start = max(0, p["cursor"] - self.replay_overlap)

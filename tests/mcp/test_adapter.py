@@ -451,3 +451,24 @@ async def test_a_stream_the_daemon_ends_with_an_error_is_resubscribed(fake_daemo
         fake_daemon.message(body="two")
         assert (await h.recv())["params"]["content"] == "two"
         await h.stdin_send.aclose()
+
+
+async def test_a_workspace_recreated_under_the_same_name_is_read_from_its_start(
+    fake_daemon: Any,
+) -> None:
+    h = Harness(fake_daemon.home, session_id="s1", settle_s=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
+        await wait_until(lambda: fake_daemon.live_subscribes())
+        for i in range(3):
+            fake_daemon.message(body=f"old{i}")
+        for _ in range(3):
+            await h.recv()
+        fake_daemon.stop()
+        fake_daemon.log.clear()  # left and joined again: a new store, cursors from 1
+        fake_daemon.message(body="fresh")
+        await nursery.start(fake_daemon.serve)
+        assert (await h.recv())["params"]["content"] == "fresh"
+        await h.stdin_send.aclose()
+        fake_daemon.stop()
