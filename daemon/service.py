@@ -389,7 +389,7 @@ class Daemon:
         ws.cancel_scope.cancel()
         await ws.stopped.wait()  # no task may touch the store once it is closed
         self._servers.pop(name, None)
-        ws.store.close()
+        await ws.store.aclose()  # waits for a subscription's read in flight
         ws.notify()  # its subscriptions see that it was left and end
         self.home.remove_workspace(name)
         if self.default == name:

@@ -135,7 +135,16 @@ class Store:
         db.executescript(SCHEMA)
 
     def close(self) -> None:
+        """Close at once: only when no job can be running (no task uses the store)."""
         self._db.close()
+
+    async def aclose(self) -> None:
+        """Close in the store's thread slot, after any running job.
+
+        Closing a sqlite3 connection while another thread runs a statement on
+        it crashes the interpreter (a subscription's read racing a leave did).
+        """
+        await trio.to_thread.run_sync(self._db.close, limiter=self._limiter)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn(connection)`` in the store's thread slot.

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
+
+import pytest
+import trio
+import trio.testing
 
 from claudemesh.daemon.store import Store, now_ms
 
@@ -185,3 +191,33 @@ async def test_concurrent_accepts_group_commit_with_per_caller_answers(tmp_path:
         assert results["m0/a"] == "conflict"
     assert len(await s.list_outbox(None)) == 20
     s.close()
+
+
+async def test_aclose_waits_for_a_running_job_and_later_jobs_fail_cleanly(
+    tmp_path: Path,
+) -> None:
+    s = Store(tmp_path / "s.db")
+    release = threading.Event()
+    order: list[str] = []
+
+    def slow(db: sqlite3.Connection) -> int:
+        release.wait(10)
+        n = int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        order.append("job")
+        return n
+
+    async with trio.open_nursery() as n:
+        n.start_soon(s.run, slow)
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def close() -> None:
+            await s.aclose()
+            order.append("closed")
+
+        n.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []  # the close waits for the job
+        release.set()
+    assert order == ["job", "closed"]
+    with pytest.raises(sqlite3.ProgrammingError):
+        await s.head()
