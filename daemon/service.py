@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -99,6 +100,8 @@ class Daemon:
         self.stop_requested = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._servers: dict[str, IpcServer] = {}
+        #: Workspaces whose store could not be opened at start: name -> why.
+        self.unavailable: dict[str, str] = {}
 
     # ------------------------------------------------------------ run
 
@@ -106,7 +109,13 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for cfg in self.home.load_workspaces().values():
-                await self._start_workspace(cfg)
+                try:
+                    await self._start_workspace(cfg)
+                except (sqlite3.Error, OSError) as exc:
+                    # One unusable store must not keep the user's other workspaces
+                    # down; the file is left as it is, for the user to inspect.
+                    self.unavailable[cfg.name] = f"{self.home.store_path(cfg.name)}: {exc}"
+                    log.error("workspace %s not started: %s", cfg.name, exc)
             control = IpcServer(self.home.control_socket, self.handle, allowed_uid=self.allowed_uid)
             self._servers[""] = control
             await nursery.start(control.serve)
@@ -206,6 +215,9 @@ class Daemon:
             "device_id": self.device_id,
             "default_workspace": self.default,
             "workspaces": [await ws.describe() for ws in self.workspaces.values()],
+            "unavailable_workspaces": [
+                {"name": n, "error": e} for n, e in sorted(self.unavailable.items())
+            ],
         }
 
     async def m_stop(self, conn: IpcConn, params: dict[str, Any]) -> Any:
@@ -222,7 +234,7 @@ class Daemon:
                 ipc.INVALID_PARAMS,
                 "param `name` must be 1-32 of a-z, 0-9, '-', '_', starting with a letter or digit",
             )
-        if name in self.workspaces:
+        if name in self.workspaces or name in self.unavailable:
             raise ApiError(
                 ipc.CONFLICT,
                 f"a workspace named {name!r} already exists here; pick another local name "

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cmtest.daemon import DaemonProc, call, run_daemon
+import pytest
+from cmtest.daemon import DaemonError, DaemonProc, call, run_daemon
 
 from claudemesh.daemon.home import EXIT_ALREADY_RUNNING
 
@@ -99,3 +100,42 @@ def test_secret_files_copied_in_with_loose_modes_are_made_private(short_tmp: Pat
     with run_daemon(home):
         for p in loose:
             assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def test_a_corrupt_store_stops_only_its_workspace(short_tmp: Path) -> None:
+    home = short_tmp / "h"
+    for name in ("good", "bad"):
+        ws = home / "workspaces" / name
+        ws.mkdir(parents=True, mode=0o700)
+        cfg = {
+            "name": name,
+            "mesh_id": f"m-{name}",
+            "member_id": "u1",
+            "broker_url": "ws://127.0.0.1:9/ws",
+            "display_name": "me",
+            "role": "member",
+            "root_key": base64.b64encode(os.urandom(32)).decode(),
+        }
+        (ws / "config.json").write_text(json.dumps(cfg))
+    garbage = b"not a database " * 100
+    (home / "workspaces" / "bad" / "store.db").write_bytes(garbage)
+    with run_daemon(home) as d:
+        status = call(d.home, "daemon.status")
+        assert [w["name"] for w in status["workspaces"]] == ["good"]
+        [broken] = status["unavailable_workspaces"]
+        assert broken["name"] == "bad"
+        assert "not a database" in broken["error"]
+        # The broken store is left as it was, for the user to inspect or restore.
+        assert (home / "workspaces" / "bad" / "store.db").read_bytes() == garbage
+        with pytest.raises(DaemonError) as ei:  # and its config is not overwritten
+            call(d.home, "workspace.create", name="bad", broker_url="ws://127.0.0.1:9/ws")
+        assert ei.value.code == "conflict"
+        shown = subprocess.run(
+            [str(Path(sys.executable).with_name("claudemesh")), "daemon", "status"],
+            env={**os.environ, "CLAUDEMESH_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert "Workspace bad is not running" in shown

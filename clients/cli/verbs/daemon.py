@@ -195,8 +195,10 @@ def status(*, json: bool = False) -> int:
         )
     if rows:
         say(table(["", "WORKSPACE", "LINK", "OUTBOX p/i/d", "UNREAD", "LAST ERROR"], rows))
-    else:
+    elif not st.get("unavailable_workspaces"):
         say("No workspaces yet.")
+    for bad in st.get("unavailable_workspaces") or []:
+        say(f"Workspace {bad.get('name')} is not running: {bad.get('error')}")
     return 0
 
 
