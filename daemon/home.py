@@ -228,7 +228,11 @@ class Home:
         return value
 
     # workspaces
-    def load_workspaces(self) -> dict[str, WorkspaceConfig]:
+    def load_workspaces(
+        self, unreadable: dict[str, str] | None = None
+    ) -> dict[str, WorkspaceConfig]:
+        """Every workspace's config; one that cannot be read is reported in
+        ``unreadable`` (name -> why) when given, else raises :class:`HomeError`."""
         out: dict[str, WorkspaceConfig] = {}
         if not self.workspaces_dir.exists():
             return out
@@ -239,8 +243,10 @@ class Home:
             try:
                 raw = json.loads(cfg.read_text())
                 out[d.name] = WorkspaceConfig(**raw)
-            except (ValueError, TypeError) as exc:
-                raise HomeError(f"{cfg} is unreadable: {exc}") from None
+            except (ValueError, TypeError, OSError) as exc:
+                if unreadable is None:
+                    raise HomeError(f"{cfg} is unreadable: {exc}") from None
+                unreadable[d.name] = f"{cfg} is unreadable: {exc}"
         return out
 
     def save_workspace(self, cfg: WorkspaceConfig) -> None:

@@ -108,7 +108,7 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for cfg in self.home.load_workspaces().values():
+            for cfg in self.home.load_workspaces(self.unavailable).values():
                 try:
                     await self._start_workspace(cfg)
                 except (sqlite3.Error, OSError) as exc:

@@ -102,7 +102,7 @@ def test_secret_files_copied_in_with_loose_modes_are_made_private(short_tmp: Pat
             assert p.stat().st_mode & 0o777 == 0o600, p
 
 
-def test_a_corrupt_store_stops_only_its_workspace(short_tmp: Path) -> None:
+def test_a_corrupt_store_or_config_stops_only_its_workspace(short_tmp: Path) -> None:
     home = short_tmp / "h"
     for name in ("good", "bad"):
         ws = home / "workspaces" / name
@@ -119,12 +119,16 @@ def test_a_corrupt_store_stops_only_its_workspace(short_tmp: Path) -> None:
         (ws / "config.json").write_text(json.dumps(cfg))
     garbage = b"not a database " * 100
     (home / "workspaces" / "bad" / "store.db").write_bytes(garbage)
+    (home / "workspaces" / "torn").mkdir(mode=0o700)
+    (home / "workspaces" / "torn" / "config.json").write_text('{"name": "torn", "mesh')
     with run_daemon(home) as d:
         status = call(d.home, "daemon.status")
         assert [w["name"] for w in status["workspaces"]] == ["good"]
-        [broken] = status["unavailable_workspaces"]
-        assert broken["name"] == "bad"
-        assert "not a database" in broken["error"]
+        bad, torn = status["unavailable_workspaces"]
+        assert bad["name"] == "bad"
+        assert "not a database" in bad["error"]
+        assert torn["name"] == "torn"
+        assert "unreadable" in torn["error"]
         # The broken store is left as it was, for the user to inspect or restore.
         assert (home / "workspaces" / "bad" / "store.db").read_bytes() == garbage
         with pytest.raises(DaemonError) as ei:  # and its config is not overwritten
