@@ -49,21 +49,33 @@ _NUMBERS: dict[str, Callable[[str], Any]] = {"--timeout": float, "--limit": int}
 
 
 def normalize(argv: Sequence[str]) -> list[str]:
-    """Expand ``-w NAME`` to ``--workspace NAME`` (before any ``--``)."""
+    """Expand ``-w NAME`` to ``--workspace NAME`` (before any ``--``).
+
+    A bare ``-`` (read TEXT or INVITE from stdin; always the last positional)
+    is moved behind ``--``: cyclopts would take it for an unknown option.
+    """
     out: list[str] = []
     rest = False
+    stdin_arg = False
     for tok in argv:
         if rest:
             out.append(tok)
         elif tok == "--":
             rest = True
             out.append(tok)
+        elif tok == "-" and not stdin_arg:
+            stdin_arg = True
         elif tok == "-w":
             out.append("--workspace")
         elif tok.startswith("-w") and not tok.startswith("--") and len(tok) > 2:
             out.extend(["--workspace", tok[2:].lstrip("=")])
         else:
             out.append(tok)
+    if stdin_arg:
+        if rest:  # `... -- more -`: keep it where it was relative to the others
+            out.append("-")
+        else:
+            out.extend(["--", "-"])
     return out
 
 

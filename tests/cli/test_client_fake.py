@@ -6,6 +6,7 @@ and end-to-end suites cover the installed executable.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
@@ -377,3 +378,17 @@ def test_outbox_list_and_requeue(fake: FakeDaemon, capsys: pytest.CaptureFixture
     _, err = _out(capsys)
     assert "only pending, inflight or dead" in err
     assert "Traceback" not in err
+
+
+def test_join_reads_the_link_from_stdin_so_its_secret_stays_out_of_argv(
+    fake: FakeDaemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Other local users can read every process's argv (/proc/PID/cmdline).
+    link = "claudemesh://join/m/i?broker=ws%3A%2F%2Fh%2Fws#c2VjcmV0"
+    fake.handlers["workspace.join"] = lambda p: {
+        "workspace": {"name": "team", "mesh_id": "m", "role": "member", "broker_url": "ws://h/ws"}
+    }
+    monkeypatch.setattr("sys.stdin", io.StringIO(link + "\n"))
+    assert run(["workspace", "join", "-"]) == 0
+    assert fake.requests[-1] == ("workspace.join", {"link": link})
+    assert "Joined workspace" in _out(capsys)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ..common import call
@@ -70,7 +71,8 @@ def join(
     Parameters
     ----------
     invite
-        The invite link someone gave you.
+        The invite link someone gave you; ``-`` reads it from stdin, which keeps
+        its secret out of the process list that other local users can read.
     name
         Your display name in the workspace.
     workspace_name
@@ -80,6 +82,8 @@ def join(
     no_start
         Do not start the daemon if it is not running.
     """
+    if invite == "-":
+        invite = sys.stdin.readline()
     params: dict[str, Any] = {"link": invite.strip()}
     if name:
         params["display_name"] = name
