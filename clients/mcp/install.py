@@ -202,6 +202,10 @@ def merge_settings(settings: dict[str, Any]) -> dict[str, Any]:
     hooks = settings.get("hooks")
     if hooks is not None and not isinstance(hooks, dict):
         raise InstallError("`hooks` in the Claude Code settings is not an object")
+    for event in HOOK_EVENTS:
+        if hooks and event in hooks and not isinstance(hooks[event], list):
+            # Appending to a string would split it into characters.
+            raise InstallError(f"`hooks.{event}` in the Claude Code settings is not a list")
     merged = _without_our_hooks(hooks or {})
     for event, arg in HOOK_EVENTS.items():
         ours = {"hooks": [{"type": "command", "command": hook_command(arg), "timeout": 5}]}
@@ -310,9 +314,10 @@ def install(*, scope: Scope = "user", json: bool = False) -> None:
     t = targets(scope)
     try:
         changed = []
+        settings = merge_settings(_load(t.settings))  # refuse bad settings before any write
         if _register_server(t, scope, server_entry()):
             changed.append(str(t.mcp_config))
-        if _save(t.settings, merge_settings(_load(t.settings))):
+        if _save(t.settings, settings):
             changed.append(str(t.settings))
         if _save(t.skill, None, text=SKILL):
             changed.append(str(t.skill))

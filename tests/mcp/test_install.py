@@ -270,3 +270,17 @@ def test_process_info_from_proc_and_from_ps_agree() -> None:
     assert me[1] == os.getppid()
     if shutil.which("ps", path=os.defpath + ":/usr/bin:/bin"):
         assert _ps_info(os.getpid()) == me  # the macOS path, checked here too
+
+
+def test_a_hook_event_that_is_not_a_list_is_refused_and_left_alone(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = home / ".claude" / "settings.json"
+    write_json(settings, {"hooks": {"SessionStart": "not a list"}})
+    write_json(home / ".claude.json", {"theme": "dark"})
+    before = snapshot(home)
+    with pytest.raises(SystemExit) as exc:
+        inst.install()
+    assert exc.value.code == 1
+    assert "SessionStart" in capsys.readouterr().err
+    assert snapshot(home) == before  # not split into characters, nothing half-installed
