@@ -321,7 +321,12 @@ def test_verify_status_summary_and_inbox_filters(short_tmp: Path, broker: Broker
 
         def bob_seen() -> dict[str, object] | None:
             for p in call(a.home, "peer.list")["peers"]:
-                if p["pubkey"] == bob["member_pubkey"] and p["status"] == "working":
+                # Status and summary are two frames: wait for both to be applied.
+                if (
+                    p["pubkey"] == bob["member_pubkey"]
+                    and p["status"] == "working"
+                    and p["summary"] == "refactoring the parser"
+                ):
                     return dict(p)
             return None
 
