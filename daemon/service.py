@@ -783,8 +783,13 @@ class Daemon:
                         surface_id = None
                         if r["kind"] == "message":
                             # Session routing: a session key's mail goes only to that
-                            # session; a session never sees its own sends echoed.
-                            if r["session_pubkey"] and r["session_pubkey"] != my_key:
+                            # session (other sessions skip it; the user's own reader,
+                            # no session, sees all); a session never sees its own sends.
+                            if (
+                                session_id is not None
+                                and r["session_pubkey"]
+                                and r["session_pubkey"] != my_key
+                            ):
                                 continue
                             if my_key is not None and r["from_pubkey"] == my_key:
                                 continue

@@ -452,3 +452,25 @@ def test_mail_to_a_session_that_left_waits_for_its_resume(
         assert [m["body"] for m in got] == ["for a session that left"]
         assert got[0]["to_key"] == s["session_pubkey"]
         assert call(b.home, "quarantine.list")["rows"] == []
+
+
+def test_a_plain_subscriber_sees_mail_for_the_users_sessions_too(
+    short_tmp: Path, broker: BrokerProc, sleeper: subprocess.Popen[bytes]
+) -> None:
+    # docs/ipc.md: only a session's own stream skips mail for another session key;
+    # the user's own reader (`inbox --follow`) sees all of the user's mail.
+    with run_daemon(short_tmp / "a") as a, run_daemon(short_tmp / "b") as b:
+        setup_pair(broker.url, a.home, b.home)
+        s = call(b.home, "session.register", session_id="s-x", pid=sleeper.pid, cwd="/x")
+        wait_for(
+            lambda: any(
+                p["pubkey"] == s["session_pubkey"] for p in call(a.home, "peer.list")["peers"]
+            ),
+            what="alice sees the session",
+        )
+        with IpcClient.open(b.home, socket="team") as plain:
+            plain.request("subscribe", kinds=["message"])
+            call(a.home, "message.send", to=s["session_pubkey"], body="for the session")
+            ev = plain.next_event(timeout=10)
+            assert ev.data["body"] == "for the session"
+            assert ev.data["to_key"] == s["session_pubkey"]
