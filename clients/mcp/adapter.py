@@ -239,6 +239,7 @@ class Adapter:
         settle_s: float = 3.0,
         bind_wait_s: float = 5.0,
         claude_pid: int | None = None,
+        workspace_poll_s: float = 5.0,
     ) -> None:
         self._stdout = stdout
         self._lock = trio.Lock()
@@ -247,6 +248,8 @@ class Adapter:
         self.settle_s = settle_s
         self.bind_wait_s = bind_wait_s
         self.claude_pid = paths.claude_pid() if claude_pid is None else claude_pid
+        #: How often the adapter looks for workspaces joined or left meanwhile.
+        self.workspace_poll_s = workspace_poll_s
         self.initialized = trio.Event()
         self.ready = trio.Event()
         self.cursors: dict[str, int] = {}
@@ -444,7 +447,25 @@ class Adapter:
             log.info("subscribed to %s as session %s", names, self.session_id)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, receive, subs)
+                nursery.start_soon(self._watch_workspaces, set(names))
                 await conn.pump()
+
+    async def _watch_workspaces(self, names: set[str]) -> None:
+        """A workspace joined (or left) while we run: reconnect, so the session is
+        registered and subscribed there too; known cursors carry over."""
+        while True:
+            await trio.sleep(self.workspace_poll_s)
+            stream = await trio.open_unix_socket(str(paths.control_socket(self.home)))
+            async with stream:
+                send, _receive = trio.open_memory_channel[ipc.Event](math.inf)
+                conn = _DaemonConn(stream, send)
+                await conn.send(ipc.Hello(client="mcp", client_version=__version__))
+                if not isinstance(await conn.recv(), ipc.Welcome):
+                    raise LinkDown("the daemon refused the hello")
+                listed = await conn.call("workspace.list")
+            now = {str(w["name"]) for w in listed.get("workspaces", [])}
+            if now != names:
+                raise LinkDown(f"workspaces changed: {sorted(names)} -> {sorted(now)}")
 
     def _publish_session_id(self) -> None:
         """Tell the status hooks which session id to report for (best effort)."""

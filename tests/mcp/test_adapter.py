@@ -472,3 +472,26 @@ async def test_a_workspace_recreated_under_the_same_name_is_read_from_its_start(
         assert (await h.recv())["params"]["content"] == "fresh"
         await h.stdin_send.aclose()
         fake_daemon.stop()
+
+
+async def test_a_workspace_joined_while_running_is_subscribed_too(
+    short_home: Path, fake_daemon_cls: Any
+) -> None:
+    daemon = fake_daemon_cls(short_home, workspaces=("acme",))
+    h = Harness(short_home, session_id="s1", settle_s=0, workspace_poll_s=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        nursery.start_soon(h.adapter.serve, h.stdin_recv)
+        await h.handshake()
+        await wait_until(lambda: daemon.live_subscribes())
+        daemon.message("acme", body="a1")
+        assert (await h.recv())["params"]["content"] == "a1"
+        daemon.workspaces = ("acme", "beta")  # joined meanwhile
+        await wait_until(lambda: any(p["workspace"] == "beta" for p in daemon.live_subscribes()))
+        daemon.message("beta", body="b1")
+        note = await h.recv()
+        assert note["params"]["content"] == "b1"
+        assert note["params"]["meta"]["workspace"] == "beta"
+        assert h.adapter.statistics()["pushed"] == 2  # a1 was not pushed again
+        await h.stdin_send.aclose()
+        daemon.stop()
