@@ -211,6 +211,7 @@ class Workspace:
         self.summary = ""
         self._ws: WebSocketConnection | None = None
         self._send_lock = trio.Lock()
+        self._surface_lock = trio.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._wake_outbox = trio.Event()
         self._changed = trio.Event()
@@ -752,18 +753,21 @@ class Workspace:
             await self.flush_surfaced()
 
     async def flush_surfaced(self) -> None:
-        rows = await self.store.take_unsurfaced()
-        done = []
-        try:
-            for r in rows:
-                await self.send_frame(
-                    wire.Receipt(message_id=r["broker_message_id"], state="surfaced")
-                )
-                done.append(r["id"])
-        finally:
-            if done:
-                with trio.CancelScope(shield=True):
-                    await self.store.mark_surfaced_sent(done)
+        # One flush at a time: two readers taking the same rows would each
+        # read them as unsent and send every surfaced receipt twice.
+        async with self._surface_lock:
+            rows = await self.store.take_unsurfaced()
+            done = []
+            try:
+                for r in rows:
+                    await self.send_frame(
+                        wire.Receipt(message_id=r["broker_message_id"], state="surfaced")
+                    )
+                    done.append(r["id"])
+            finally:
+                if done:
+                    with trio.CancelScope(shield=True):
+                        await self.store.mark_surfaced_sent(done)
 
     # ---------------------------------------------------------- peers
 

@@ -202,3 +202,40 @@ async def test_a_huge_retry_after_hint_is_capped_not_fatal(short_tmp: Path) -> N
                 await trio.sleep(0.01)
         assert "rate_limited" in st.result["last_error"]
         assert broker.hellos == 1
+
+
+async def test_two_readers_taking_one_message_send_one_surfaced_receipt(short_tmp: Path) -> None:
+    async with (
+        hostile_setup(short_tmp / "h") as (broker, sock),
+        open_client(sock) as r1,
+        open_client(sock) as r2,
+    ):
+        with trio.fail_after(10):
+            await r1.request("subscribe", kinds=["message"], mark_seen=True)
+            await r2.request("subscribe", kinds=["message"], mark_seen=True)
+        status = await _request(sock, "daemon.status")
+        me = status.result["workspaces"][0]["member_pubkey"]
+        for i in range(5):
+            nonce, ct = crypto.box_encrypt(f"m{i}".encode(), sender=BOB, recipient_pubkey_hex=me)
+            await broker.push(
+                {
+                    "type": "push",
+                    "messageId": f"b-{i}",
+                    "meshId": MESH,
+                    "senderPubkey": BOB.public_hex,
+                    "priority": "next",
+                    "nonce": nonce,
+                    "ciphertext": ct,
+                    "createdAt": "2026-11-26T15:00:00Z",
+                }
+            )
+        with trio.fail_after(10):
+            for _ in range(5):
+                await r1.read()
+                await r2.read()
+        await broker.wait_for(lambda f: f["type"] == "receipt" and f.get("messageId") == "b-4")
+        # Then a marker frame: every receipt sent before it has arrived.
+        await _request(sock, "peer.list", refresh=True)
+        await broker.wait_for(lambda f: f["type"] == "list_peers" and f is broker.received[-1])
+        surfaced = [f["messageId"] for f in broker.received if f["type"] == "receipt"]
+        assert sorted(surfaced) == [f"b-{i}" for i in range(5)], surfaced
