@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -254,13 +255,26 @@ class Home:
         _ensure_dir(d)
         write_private(d / "config.json", json.dumps(asdict(cfg), indent=1).encode())
 
-    def remove_workspace(self, name: str) -> None:
+    def archive_workspace(self, name: str) -> Path | None:
+        """Move a left workspace's files (inbox, outbox, keys) under ``archive/``.
+
+        Leaving must not destroy mail or the workspace key: the user deletes
+        the archive when sure.  The archive stays 0700 like the rest of home.
+        """
         d = self.workspace_dir(name)
-        for p in sorted(d.glob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            d.rmdir()
+        if not d.exists():
+            return None
+        archive = self.root / "archive"
+        archive.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(archive, 0o700)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = archive / f"{name}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = archive / f"{name}-{stamp}-{n}"
+        os.replace(d, target)
+        return target
 
     def load_state(self) -> dict[str, Any]:
         try:

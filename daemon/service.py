@@ -395,19 +395,32 @@ class Daemon:
 
     async def m_ws_leave(self, conn: IpcConn, params: dict[str, Any]) -> Any:
         name = _param(params, "name", str, required=True)
-        ws = self.workspaces.pop(name, None)
+        force = _param(params, "force", bool, default=False)
+        ws = self.workspaces.get(name)
         if ws is None:
             raise ApiError(ipc.NOT_FOUND, f"no workspace named {name!r}", **self._ws_choices())
+        counts = await ws.store.counts()
+        unsent = counts["pending"] + counts["inflight"]
+        if unsent and not force:
+            raise ApiError(
+                ipc.CONFLICT,
+                f"workspace {name!r} still has {unsent} message(s) not yet on the broker; "
+                "wait for them (claudemesh outbox list) or leave with --force",
+                unsent=unsent,
+            )
+        if self.workspaces.get(name) is not ws:  # a concurrent leave won
+            raise ApiError(ipc.NOT_FOUND, f"no workspace named {name!r}", **self._ws_choices())
+        del self.workspaces[name]
         ws.cancel_scope.cancel()
         await ws.stopped.wait()  # no task may touch the store once it is closed
         self._servers.pop(name, None)
         await ws.store.aclose()  # waits for a subscription's read in flight
         ws.notify()  # its subscriptions see that it was left and end
-        self.home.remove_workspace(name)
+        archived = self.home.archive_workspace(name)
         if self.default == name:
             self.default = None
             self.home.save_state({})
-        return {}
+        return {"archived": str(archived) if archived else None}
 
     # -------------------------------------------------------- invites
 

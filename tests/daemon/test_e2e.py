@@ -247,6 +247,10 @@ def test_workspace_list_use_leave(short_tmp: Path, broker: BrokerProc) -> None:
         call(a.home, "workspace.leave", name="two")
         assert [w["name"] for w in call(a.home, "workspace.list")["workspaces"]] == ["one"]
         assert not (a.home / "workspaces" / "two").exists()
+        (archived,) = (a.home / "archive").iterdir()  # kept, not deleted
+        assert archived.name.startswith("two-")
+        assert (archived / "store.db").exists()
+        assert (a.home / "archive").stat().st_mode & 0o777 == 0o700
         wait_for(lambda: not (a.home / "sockets" / "two.sock").exists(), what="socket gone")
         # The only one left is the default again for scoped calls.
         assert call(a.home, "outbox.list") == {"rows": []}
@@ -284,3 +288,31 @@ def test_the_creator_on_a_second_machine_is_the_same_member(
             link = call(a.home, "invite.create")["link"]
             carol = call(c.home, "workspace.join", link=link, display_name="carol")["workspace"]
             assert carol["member_pubkey"] != alice["member_pubkey"]
+
+
+def test_leave_with_unsent_mail_needs_force_and_keeps_it(short_tmp: Path) -> None:
+    """Leaving never silently drops accepted mail: it refuses, then archives."""
+    (short_tmp / "br").mkdir()
+    with (
+        run_broker(short_tmp / "br") as br,
+        run_daemon(short_tmp / "a") as a,
+        run_daemon(short_tmp / "b") as b,
+    ):
+        setup_pair(br.url, a.home, b.home)
+        br.stop()
+        wait_for(lambda: link_state(a.home) != "connected", what="link down")
+        call(a.home, "message.send", to="bob", body="unsent", client_message_id="u1")
+        with pytest.raises(DaemonError) as ei:
+            call(a.home, "workspace.leave", name="team")
+        assert ei.value.code == "conflict"
+        assert "1 message" in str(ei.value)
+        assert [w["name"] for w in call(a.home, "workspace.list")["workspaces"]] == ["team"]
+        assert call(a.home, "message.status", client_message_id="u1")["state"] == "accepted"
+        left = call(a.home, "workspace.leave", name="team", force=True)
+        db = Path(left["archived"]) / "store.db"
+        con = sqlite3.connect(db)
+        try:
+            rows = con.execute("SELECT client_message_id FROM outbox").fetchall()
+        finally:
+            con.close()
+        assert rows == [("u1",)]

@@ -152,21 +152,27 @@ def use(name: str, /, *, json: bool = False, no_start: bool = False) -> int:
     return 0
 
 
-def leave(name: str, /, *, json: bool = False, no_start: bool = False) -> int:
-    """Leave workspace NAME and forget it on this machine.
+def leave(name: str, /, *, force: bool = False, json: bool = False, no_start: bool = False) -> int:
+    """Leave workspace NAME on this machine; its files are archived, not deleted.
 
     Parameters
     ----------
     name
         Local workspace name.
+    force
+        Leave even though some messages have not reached the broker yet.
     json
         Print one JSON document.
     no_start
         Do not start the daemon if it is not running.
     """
-    result = call("workspace.leave", {"name": name}, no_start=no_start)
+    result = call("workspace.leave", {"name": name, "force": force}, no_start=no_start)
     if json:
         print_json(result)
     else:
-        say(f"Left workspace {name}.")
+        archived = result.get("archived") if isinstance(result, dict) else None
+        say(
+            f"Left workspace {name}."
+            + (f" Its messages and keys are in {archived}" if archived else "")
+        )
     return 0
