@@ -598,6 +598,12 @@ class Daemon:
         meta = _opt(params, "meta", dict)
         if meta is not None and not all(isinstance(v, str) for v in meta.values()):
             raise ApiError(ipc.INVALID_PARAMS, "param `meta` must map strings to strings")
+        if meta:
+            # The v0.1 send frame has nowhere to carry it (the body is the bare
+            # text), so accepting it would silently drop it.
+            raise ApiError(
+                ipc.INVALID_PARAMS, "param `meta` is not carried to recipients yet; leave it out"
+            )
         session_id = _opt(params, "session_id", str)
         if session_id is None and conn.hello is not None and conn.hello.session_id in ws.sessions:
             session_id = conn.hello.session_id

@@ -116,6 +116,11 @@ def test_idempotency_over_the_socket(short_tmp: Path, broker: BrokerProc) -> Non
         with pytest.raises(DaemonError):
             call(a.home, "message.send", to="bob", body="different", client_message_id="same")
         assert [m["body"] for m in inbox(b.home)] == ["once"]
+        # Meta would be dropped on the wire, so it is refused, not accepted.
+        with pytest.raises(DaemonError) as ei:
+            call(a.home, "message.send", to="bob", body="m", meta={"k": "v"})
+        assert ei.value.code == "invalid_params"
+        assert "meta" in str(ei.value)
 
 
 def test_kill9_sender_after_accept_still_delivers_once(short_tmp: Path, broker: BrokerProc) -> None:
