@@ -69,6 +69,8 @@ CLOSE_REVOKED: Final = 4002
 CLOSE_TRY_LATER: Final = 1013
 #: Pre-hello requests (mesh_create, invite_claim, errors) one connection may make.
 MAX_PREHELLO_FRAMES: Final = 32
+#: Longest ``reason`` a recipient may give in a ``failed`` receipt.
+MAX_RECEIPT_REASON: Final = 200
 FEATURES: Final = [
     "offline_queue",
     "dedupe",
@@ -1409,15 +1411,33 @@ class Broker:
                 client_message_id=r.client_message_id,
                 recipient_pubkey=r.recipient_pubkey,
                 at=r.at,
+                reason=r.reason,
             ),
         )
 
     async def _receipt(self, conn: Conn, f: wire.Receipt) -> None:
         assert conn.member is not None
-        if f.state != "surfaced":
-            self._error(conn, errors.INVALID_FIELD, "receipt: only state `surfaced` is accepted")
+        if f.state == "surfaced":
+            rows = await self.store.surfaced(conn.member.id, conn.device_id, f.message_id, now_ms())
+        elif f.state == "failed":
+            if not f.reason or len(f.reason) > MAX_RECEIPT_REASON:
+                self._error(
+                    conn,
+                    errors.INVALID_FIELD,
+                    f"receipt: field `reason` (1..{MAX_RECEIPT_REASON} characters)",
+                )
+                return
+            rows = await self.store.failed(
+                conn.member.id, conn.device_id, f.message_id, f.reason, now_ms()
+            )
+        else:
+            self._error(
+                conn,
+                errors.INVALID_FIELD,
+                "receipt: only states `surfaced` and `failed` are accepted",
+            )
             return
-        for r in await self.store.surfaced(conn.member.id, conn.device_id, f.message_id, now_ms()):
+        for r in rows:
             self._route_receipt(r)
 
     # ---------------------------------------------------------- background

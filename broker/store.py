@@ -142,6 +142,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (mesh_id, invite_id)
     );
     """,
+    # 2: a recipient's `failed` receipt (a push it could not decrypt) and its reason.
+    """
+    ALTER TABLE queue ADD COLUMN failed_at INTEGER;
+    ALTER TABLE receipts ADD COLUMN reason TEXT;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -277,6 +282,7 @@ class ReceiptRow:
     recipient_pubkey: str
     state: str
     at: int
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +378,9 @@ class Store(Protocol):
     async def surfaced(
         self, member_id: str, device_id: str, message_id: str, now: int
     ) -> list[ReceiptRow]: ...
+    async def failed(
+        self, member_id: str, device_id: str, message_id: str, reason: str, now: int
+    ) -> list[ReceiptRow]: ...
     async def pending_receipts(self, member_id: str, device_id: str) -> list[ReceiptRow]: ...
     async def ack_receipts(self, member_id: str, receipt_ids: Sequence[str], now: int) -> None: ...
     async def put_invite(
@@ -459,6 +468,7 @@ def _receipt(r: sqlite3.Row) -> ReceiptRow:
         recipient_pubkey=r["recipient_pubkey"],
         state=r["state"],
         at=r["at"],
+        reason=r["reason"],
     )
 
 
@@ -927,12 +937,13 @@ class SqliteDB:
         state: str,
         now: int,
         keep_until: int,
+        reason: str | None = None,
     ) -> ReceiptRow:
         rid = ids.uuid7()
         cur = self.conn.execute(
             "INSERT INTO receipts (id, mesh_id, member_id, device_id, message_id,"
-            " client_message_id, recipient_pubkey, state, at, keep_until)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " client_message_id, recipient_pubkey, state, at, keep_until, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rid,
                 msg["mesh_id"],
@@ -944,6 +955,7 @@ class SqliteDB:
                 state,
                 now,
                 keep_until,
+                reason,
             ),
         )
         seq = cur.lastrowid
@@ -959,6 +971,7 @@ class SqliteDB:
             recipient_pubkey=recipient_pubkey,
             state=state,
             at=now,
+            reason=reason,
         )
 
     def ack_deliveries(
@@ -1020,6 +1033,30 @@ class SqliteDB:
                     out.append(
                         self._new_receipt(
                             msg, r["target_pubkey"], "surfaced", now, msg["keep_until"]
+                        )
+                    )
+        return out
+
+    def failed(
+        self, member_id: str, device_id: str, message_id: str, reason: str, now: int
+    ) -> list[ReceiptRow]:
+        """The recipient could not read its copy: one ``failed`` receipt per row, once."""
+        out: list[ReceiptRow] = []
+        with self._tx():
+            rows = self.conn.execute(
+                "UPDATE queue SET failed_at = ? WHERE message_id = ? AND member_id = ?"
+                " AND (device_id = ? OR device_id IS NULL) AND failed_at IS NULL"
+                " RETURNING target_pubkey",
+                (now, message_id, member_id, device_id),
+            ).fetchall()
+            if rows:
+                msg = self.conn.execute(
+                    "SELECT * FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                for r in rows:
+                    out.append(
+                        self._new_receipt(
+                            msg, r["target_pubkey"], "failed", now, msg["keep_until"], reason
                         )
                     )
         return out
@@ -1335,6 +1372,11 @@ class SqliteStore:
         self, member_id: str, device_id: str, message_id: str, now: int
     ) -> list[ReceiptRow]:
         return await self._run(self.db.surfaced, member_id, device_id, message_id, now)
+
+    async def failed(
+        self, member_id: str, device_id: str, message_id: str, reason: str, now: int
+    ) -> list[ReceiptRow]:
+        return await self._run(self.db.failed, member_id, device_id, message_id, reason, now)
 
     async def pending_receipts(self, member_id: str, device_id: str) -> list[ReceiptRow]:
         return await self._run(self.db.pending_receipts, member_id, device_id)

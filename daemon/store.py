@@ -90,6 +90,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
   frame TEXT NOT NULL,
   received_at INTEGER NOT NULL
 );
+-- `failed` receipts owed to the broker for quarantined pushes (deleted once sent).
+CREATE TABLE IF NOT EXISTS failed_out (
+  broker_message_id TEXT PRIMARY KEY,
+  reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
   cursor INTEGER PRIMARY KEY AUTOINCREMENT,
   kind TEXT NOT NULL,
@@ -560,16 +565,56 @@ class Store:
 
         return await self.run(job)
 
-    async def quarantine(self, broker_message_id: str, reason: str, frame: str) -> bool:
+    async def quarantine(
+        self, broker_message_id: str, reason: str, frame: str, receipt_reason: str | None = None
+    ) -> bool:
+        """Keep an unreadable push; with ``receipt_reason``, owe the broker a ``failed`` receipt.
+
+        Both rows are written in one transaction, so the receipt is sent (see
+        :meth:`take_failed_out`) even if the link drops right after the ack.
+        """
+
         def job(db: sqlite3.Connection) -> bool:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO quarantine (broker_message_id, reason, frame, received_at) "
-                "VALUES (?,?,?,?)",
-                (broker_message_id, reason, frame, now_ms()),
-            )
-            return cur.rowcount > 0
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO quarantine "
+                    "(broker_message_id, reason, frame, received_at) VALUES (?,?,?,?)",
+                    (broker_message_id, reason, frame, now_ms()),
+                )
+                new = cur.rowcount > 0
+                if new and receipt_reason:
+                    db.execute(
+                        "INSERT OR IGNORE INTO failed_out VALUES (?,?)",
+                        (broker_message_id, receipt_reason),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return new
 
         return await self.run(job)
+
+    async def take_failed_out(self) -> list[tuple[str, str]]:
+        """``failed`` receipts not yet sent: ``(broker message id, reason)``."""
+
+        def job(db: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [
+                (str(r[0]), str(r[1]))
+                for r in db.execute("SELECT broker_message_id, reason FROM failed_out")
+            ]
+
+        return await self.run(job)
+
+    async def mark_failed_sent(self, broker_message_ids: list[str]) -> None:
+        def job(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "DELETE FROM failed_out WHERE broker_message_id=?",
+                [(i,) for i in broker_message_ids],
+            )
+
+        await self.run(job)
 
     async def list_quarantine(self) -> list[dict[str, Any]]:
         def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -766,7 +811,11 @@ def _accept_job(
 def _advances(old: str, new: str) -> bool:
     if old in ("failed", "expired"):
         return False
-    if new in ("failed", "expired"):
+    if new == "failed":
+        # The recipient's daemon acks an unreadable push (so it is not pushed
+        # forever) before reporting it `failed`: that `delivered` gives way.
+        return old != "surfaced"
+    if new == "expired":
         return old not in ("delivered", "surfaced")
     return RECIPIENT_ORDER.get(new, -1) > RECIPIENT_ORDER.get(old, -1)
 

@@ -148,6 +148,15 @@ async def broker_call(url: str, frame: wire.Frame, req_id: str) -> wire.Frame:
         raise LinkDown(f"the broker at {url} sent a bad frame: {exc.message}") from None
 
 
+def _failed_reason(exc: BaseException) -> str:
+    """The short, stable reason a ``failed`` receipt gives for an unreadable push."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "not_utf8"
+    if isinstance(exc, CryptoError) and exc.code == errors.UNKNOWN_TARGET:
+        return "unknown_key"
+    return "undecryptable"
+
+
 @dataclass
 class Session:
     session_id: str
@@ -212,6 +221,7 @@ class Workspace:
         self._ws: WebSocketConnection | None = None
         self._send_lock = trio.Lock()
         self._surface_lock = trio.Lock()
+        self._failed_lock = trio.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._wake_outbox = trio.Event()
         self._changed = trio.Event()
@@ -445,6 +455,8 @@ class Workspace:
         with contextlib.suppress(LinkDown, *NET_ERRORS):
             await self.flush_surfaced()
         with contextlib.suppress(LinkDown, *NET_ERRORS):
+            await self.flush_failed()
+        with contextlib.suppress(LinkDown, *NET_ERRORS):
             if self.status != "idle":
                 await self.send_frame(wire.SetStatus(status=self.status))  # type: ignore[arg-type]
             if self.summary:
@@ -560,9 +572,18 @@ class Workspace:
         except (CryptoError, UnicodeDecodeError) as exc:
             reason = exc.message if isinstance(exc, CryptoError) else "body is not UTF-8"
             log.warning("quarantined %s on %s: %s", frame.message_id, self.name, reason)
-            await self.store.quarantine(frame.message_id, reason, wire.encode_frame(frame).decode())
+            await self.store.quarantine(
+                frame.message_id,
+                reason,
+                wire.encode_frame(frame).decode(),
+                receipt_reason=_failed_reason(exc),
+            )
+            # Ack first (or the broker pushes it forever), then tell the sender
+            # it was not readable: its `failed` outranks the `delivered` the ack makes.
             await self._client_ack(broker_message_id=frame.message_id)
             self.notify()
+            with contextlib.suppress(LinkDown, *NET_ERRORS):
+                await self.flush_failed()
             return
         session_target = (
             frame.target_pubkey
@@ -768,6 +789,22 @@ class Workspace:
                 if done:
                     with trio.CancelScope(shield=True):
                         await self.store.mark_surfaced_sent(done)
+
+    async def flush_failed(self) -> None:
+        """Send each owed ``failed`` receipt (quarantined pushes); forget those sent."""
+        async with self._failed_lock:
+            rows = await self.store.take_failed_out()
+            done: list[str] = []
+            try:
+                for bmid, reason in rows:
+                    await self.send_frame(
+                        wire.Receipt(message_id=bmid, state="failed", reason=reason)
+                    )
+                    done.append(bmid)
+            finally:
+                if done:
+                    with trio.CancelScope(shield=True):
+                        await self.store.mark_failed_sent(done)
 
     # ---------------------------------------------------------- peers
 

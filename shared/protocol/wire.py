@@ -178,7 +178,8 @@ class ClientAck(_Frame, tag="client_ack", kw_only=True):
 class Receipt(_Frame, tag="receipt", kw_only=True):
     """Delivery progress.
 
-    recipient -> broker: ``{messageId, state: "surfaced"}``;
+    recipient -> broker: ``{messageId, state: "surfaced"}`` or
+    ``{messageId, state: "failed", reason}`` (a push it could not open);
     broker -> sender: every field, acked with ``client_ack {receiptId}``.
     """
 

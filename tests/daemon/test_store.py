@@ -221,3 +221,32 @@ async def test_aclose_waits_for_a_running_job_and_later_jobs_fail_cleanly(
     assert order == ["job", "closed"]
     with pytest.raises(sqlite3.ProgrammingError):
         await s.head()
+
+
+async def test_recipient_failed_outranks_delivered_in_either_order(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    for cmid, order in (("m1", ("delivered", "failed")), ("m2", ("failed", "delivered"))):
+        await s.accept(row(cmid))
+        for i, state in enumerate(order):
+            reason = "undecryptable" if state == "failed" else None
+            await s.record_receipt(cmid, "ab" * 32, state, now_ms() + i, reason)
+        got = [(x["state"], x["reason"]) for x in await s.get_receipts(cmid)]
+        assert got == [("failed", "undecryptable")], cmid
+    # `surfaced` happened, so a later `failed` cannot undo it.
+    await s.accept(row("m3"))
+    await s.record_receipt("m3", "ab" * 32, "surfaced", now_ms(), None)
+    assert not await s.record_receipt("m3", "ab" * 32, "failed", now_ms(), "x")
+    s.close()
+
+
+async def test_quarantine_owes_one_failed_receipt_until_sent(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    assert await s.quarantine("b1", "message failed authentication", "{}", "undecryptable")
+    assert not await s.quarantine("b1", "message failed authentication", "{}", "undecryptable")
+    s.close()
+    s = Store(tmp_path / "s.db")  # survives a restart
+    assert await s.take_failed_out() == [("b1", "undecryptable")]
+    await s.mark_failed_sent(["b1"])
+    assert await s.take_failed_out() == []
+    assert len(await s.list_quarantine()) == 1
+    s.close()
