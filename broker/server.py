@@ -114,6 +114,9 @@ class BrokerConfig:
     lease: float = 30.0
     hello_timeout: float = 30.0
     sweep_interval: float = 60.0
+    #: How often live connections are checked against revocations made by the
+    #: admin CLI (another process writing the same database).
+    revocation_interval: float = 5.0
     ttl_ms: int = 7 * DAY_MS
     retention_ms: int = 7 * DAY_MS
     skew_ms: int = 60_000
@@ -360,6 +363,7 @@ class Broker:
             nursery.start_soon(self._seen.run)
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._sweep_loop)
+            nursery.start_soon(self._revocation_loop)
             listeners = await nursery.start(
                 partial(
                     trio.serve_tcp,
@@ -1458,6 +1462,37 @@ class Broker:
                             item.pushed_at = now
                             self.stats["redeliveries"] += 1
                             self._emit_text(conn, item.text)
+
+    async def _revocation_loop(self) -> None:
+        """Close the live connections of members revoked since they said hello."""
+        while True:
+            await trio.sleep(self.config.revocation_interval)
+            live = {
+                c.member.id: c.member.id
+                for conns in self.mesh_conns.values()
+                for c in conns
+                if c.member is not None
+            }
+            if not live:
+                continue
+            try:
+                revoked = await self.store.revoked_among(list(live))
+            except Exception as exc:
+                log("store_error", error=repr(exc))
+                continue
+            for conns in list(self.mesh_conns.values()):
+                for conn in list(conns):
+                    if conn.member is not None and conn.member.id in revoked:
+                        log("revoked_connection_closed", member=conn.member.id)
+                        self._error(conn, errors.REVOKED, "this member was revoked")
+                        try:
+                            conn.out.send_nowait(_Close(CLOSE_REVOKED, "revoked"))
+                        except (
+                            trio.WouldBlock,
+                            trio.BrokenResourceError,
+                            trio.ClosedResourceError,
+                        ):
+                            conn.cancel.cancel()
 
     async def _sweep_loop(self) -> None:
         while True:

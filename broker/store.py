@@ -334,6 +334,7 @@ class Store(Protocol):
         mesh_id: str | None = None,
     ) -> tuple[Mesh, Member | None]: ...
     async def get_member(self, member_id: str) -> Member | None: ...
+    async def revoked_among(self, member_ids: Sequence[str]) -> set[str]: ...
     async def member_by_pubkey(self, mesh_id: str, pubkey: str) -> Member | None: ...
     async def list_members(self, mesh_id: str) -> list[Member]: ...
     async def member_hello(
@@ -598,6 +599,22 @@ class SqliteDB:
     def get_member(self, member_id: str) -> Member | None:
         r = self.conn.execute("SELECT * FROM members WHERE id = ?", (member_id,)).fetchone()
         return None if r is None else _member(r, self._groups(member_id))
+
+    def revoked_among(self, member_ids: Sequence[str]) -> set[str]:
+        """Which of these members are revoked (the admin CLI writes from another process)."""
+        out: set[str] = set()
+        ids_ = list(member_ids)
+        for i in range(0, len(ids_), 500):
+            chunk = ids_[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT id FROM members WHERE revoked_at IS NOT NULL AND id IN ({marks})",
+                    chunk,
+                )
+            )
+        return out
 
     def member_by_pubkey(self, mesh_id: str, pubkey: str) -> Member | None:
         r = self.conn.execute(
@@ -1298,6 +1315,9 @@ class SqliteStore:
 
     async def get_member(self, member_id: str) -> Member | None:
         return await self._run(self.db.get_member, member_id)
+
+    async def revoked_among(self, member_ids: Sequence[str]) -> set[str]:
+        return await self._run(self.db.revoked_among, member_ids)
 
     async def member_by_pubkey(self, mesh_id: str, pubkey: str) -> Member | None:
         return await self._run(self.db.member_by_pubkey, mesh_id, pubkey)

@@ -197,6 +197,18 @@ async def test_revoked_while_connected_cannot_send(tmp_path: Path) -> None:
             assert await a.closed() == 4002
 
 
+async def test_revoked_while_connected_and_idle_is_closed(tmp_path: Path) -> None:
+    """A revocation written by the admin CLI reaches an idle live connection."""
+    async with open_inproc_broker(tmp_path, revocation_interval=0.05) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        async with open_peer(b.url, alice) as a:
+            b.store.db.revoke_member(mesh, alice.member_id, now_ms())
+            err = await a.expect(wire.Error, where=lambda f: f.code == errors.REVOKED)
+            assert err.message
+            assert await a.closed() == 4002
+
+
 async def test_concurrent_hellos_cannot_overshoot_the_cap(tmp_path: Path) -> None:
     async with open_inproc_broker(tmp_path, max_conns_per_mesh=3) as b:
         mesh = b.mesh()
