@@ -632,7 +632,10 @@ class Broker:
         now = now_ms()
         while self._hello_expiry and self._hello_expiry[0][0] < now:
             self.seen_hellos.pop(self._hello_expiry.popleft()[1], None)
-        if h.signature in self.seen_hellos:
+        # The replay key is the signature's bytes: hex accepts upper case and
+        # spaces, so the string as sent would let a respelled replay through.
+        sig_key = bytes.fromhex(h.signature).hex()
+        if sig_key in self.seen_hellos:
             await self._refuse(
                 conn, errors.BAD_SIGNATURE, "this hello was already used (replay)", CLOSE_POLICY
             )
@@ -653,8 +656,8 @@ class Broker:
                 conn, errors.INVALID_FIELD, "hello: field `deviceId` too long", CLOSE_POLICY
             )
             return False
-        self.seen_hellos[h.signature] = now + 2 * cfg.skew_ms
-        self._hello_expiry.append((now + 2 * cfg.skew_ms, h.signature))
+        self.seen_hellos[sig_key] = now + 2 * cfg.skew_ms
+        self._hello_expiry.append((now + 2 * cfg.skew_ms, sig_key))
         groups = tuple((g.name, g.role) for g in h.groups) if h.groups is not None else None
         self._pending_hellos[h.mesh_id] = pending_here + 1
         try:
