@@ -127,6 +127,9 @@ class BrokerConfig:
     max_conns_total: int = 20000
     max_inflight_sends: int = 64
     outgoing_buffer: int = 20000
+    #: Bytes of frames queued for one connection before it is dropped as a
+    #: slow consumer (the frame count alone lets one silent peer pin gigabytes).
+    outgoing_bytes: int = 32 * 1024 * 1024
 
     @property
     def max_frame(self) -> int:
@@ -210,6 +213,8 @@ class Conn:
     bucket: TokenBucket | None = None
     send_slots: trio.Semaphore | None = None
     closed: bool = False
+    #: Bytes queued on ``out`` and not yet written to the socket.
+    out_bytes: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -438,6 +443,7 @@ class Broker:
                         break
                 if texts:
                     await conn.ws.send_texts(texts)
+                    conn.out_bytes -= sum(len(t) for t in texts)
                 if isinstance(item, _Close):
                     await conn.ws.send_close(item.code, item.reason)
                     # The reading task ends the connection when the peer answers.
@@ -454,7 +460,10 @@ class Broker:
         if conn.closed:
             return
         try:
+            if conn.out_bytes + len(text) > self.config.outgoing_bytes:
+                raise trio.WouldBlock
             conn.out.send_nowait(text)
+            conn.out_bytes += len(text)
         except trio.WouldBlock:
             log("slow_consumer", remote=conn.remote, member=conn.member and conn.member.id)
             conn.closed = True
@@ -1356,9 +1365,10 @@ class Broker:
             while True:
                 # Backpressure: read no more of a backlog than the peer's
                 # outgoing buffer has room for (half of it; live frames need the rest).
+                half_bytes = self.config.outgoing_bytes // 2
                 while True:
                     room = self.config.outgoing_buffer // 2 - out.statistics().current_buffer_used
-                    if room > 0:
+                    if room > 0 and st.conn.out_bytes < half_bytes:
                         break
                     await trio.sleep(0.01)
                     if st.conn.closed:
@@ -1372,6 +1382,8 @@ class Broker:
                 if self.streams.get(st.key) is not st or st.conn.closed:
                     return
                 for d in rows:
+                    if st.conn.out_bytes >= half_bytes:
+                        break  # the rest is read again once the peer drained
                     if d.seq > st.cursor:
                         st.cursor = d.seq
                         self._push(st.conn, d)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmtest.broker import open_inproc_broker, open_peer, signed_hello
+import trio
+from cmtest.broker import open_inproc_broker, open_peer, signed_hello, wait_until
 
 from claudemesh.shared.protocol import errors, wire
 
@@ -30,3 +31,45 @@ async def test_hello_replay_with_respelled_signature_is_refused(tmp_path: Path) 
                 err = await p.expect(wire.Error)
                 assert err.code == errors.BAD_SIGNATURE
                 assert await p.closed() == 1008
+
+
+async def test_a_recipient_that_does_not_read_cannot_make_the_broker_hold_unbounded_bytes(
+    tmp_path: Path,
+) -> None:
+    # The outgoing queue was bounded in frames only (20,000 frames of up to
+    # ~90 KB each): one member that stops reading could pin gigabytes.
+    cap = 2 * 1024 * 1024
+    async with open_inproc_broker(tmp_path, outgoing_bytes=cap) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        bob = b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a, open_peer(b.url, bob) as _silent:
+            body = b"x" * 40_000
+            for _ in range(400):
+                ack = await a.dm(bob.pubkey, body)
+                assert ack.queued
+                held = sum(c.out_bytes for conns in b.broker.member_conns.values() for c in conns)
+                assert held <= cap
+            await wait_until(lambda: bob.member_id not in b.broker.member_conns)
+            assert b.store.db.counts()["pending"] == 400
+
+
+async def test_a_backlog_flush_stays_within_the_byte_budget(tmp_path: Path) -> None:
+    cap = 2 * 1024 * 1024
+    async with open_inproc_broker(tmp_path, outgoing_bytes=cap) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        bob = b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            for _ in range(200):
+                assert (await a.dm(bob.pubkey, b"y" * 40_000)).queued
+        async with open_peer(b.url, bob) as p:
+            await trio.sleep(1)
+            (conn,) = b.broker.member_conns[bob.member_id]
+            assert conn.out_bytes <= cap
+            # It stays connected and gets all 200 once it reads.
+            got = set()
+            while len(got) < 200:
+                m = await p.message()
+                got.add(m.message_id)
+                await p.send(wire.ClientAck(broker_message_id=m.message_id))
