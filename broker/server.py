@@ -1403,11 +1403,22 @@ class Broker:
                 conn.inflight.pop(seq, None)
             self._writes.put(_AckJob(conn, f.broker_message_id, None))
         elif f.client_message_id is not None:
-            for seq, item in list(conn.inflight.items()):
-                if item.client_message_id == f.client_message_id:
-                    del conn.inflight[seq]
-                    conn.by_message.pop(item.message_id, None)
-            self._writes.put(_AckJob(conn, None, "cmid:" + f.client_message_id))
+            # Senders choose client ids, so two senders may share one: the ack
+            # answers the oldest push with that id on this connection, never
+            # every pending row that happens to carry it.
+            oldest = min(
+                (
+                    s
+                    for s, it in conn.inflight.items()
+                    if it.client_message_id == f.client_message_id
+                ),
+                default=None,
+            )
+            if oldest is not None:
+                message_id = conn.inflight[oldest].message_id
+                for seq in conn.by_message.pop(message_id, ()):
+                    conn.inflight.pop(seq, None)
+                self._writes.put(_AckJob(conn, message_id, None))
 
     async def _commit_seen(self, batch: list[tuple[str, str]]) -> None:
         try:

@@ -73,3 +73,28 @@ async def test_a_backlog_flush_stays_within_the_byte_budget(tmp_path: Path) -> N
                 m = await p.message()
                 got.add(m.message_id)
                 await p.send(wire.ClientAck(broker_message_id=m.message_id))
+
+
+async def test_an_ack_by_client_message_id_covers_only_the_push_it_answers(
+    tmp_path: Path,
+) -> None:
+    # Client message ids are chosen by each sender: another member reusing
+    # one must not get its row acked (and a false `delivered`) by that ack.
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, carol, bob = (b.member(mesh, n) for n in ("alice", "carol", "bob"))
+        async with open_peer(b.url, alice) as a, open_peer(b.url, carol) as c:
+            async with open_peer(b.url, bob) as bb:
+                first = await a.dm(bob.pubkey, b"from alice", cmid="same")
+                second = await c.dm(bob.pubkey, b"from carol", cmid="same")
+                p1 = await bb.message()
+                p2 = await bb.message()
+                assert [p1.message_id, p2.message_id] == [first.message_id, second.message_id]
+                await bb.send(wire.ClientAck(client_message_id="same"))
+                r = await a.expect(wire.Receipt)
+                assert r.state == "delivered"
+                await c.expect_none(wire.Receipt, 0.5)
+            # carol's row was never acked: bob gets it again
+            async with open_peer(b.url, bob) as bb:
+                again = await bb.message()
+                assert again.message_id == second.message_id
