@@ -71,6 +71,8 @@ CLOSE_TRY_LATER: Final = 1013
 MAX_PREHELLO_FRAMES: Final = 32
 #: Longest ``reason`` a recipient may give in a ``failed`` receipt.
 MAX_RECEIPT_REASON: Final = 200
+#: Receipt ids remembered per connection so their acks skip the rate limit.
+MAX_TRACKED_RECEIPTS: Final = 100_000
 FEATURES: Final = [
     "offline_queue",
     "dedupe",
@@ -215,6 +217,8 @@ class Conn:
     closed: bool = False
     #: Bytes queued on ``out`` and not yet written to the socket.
     out_bytes: int = 0
+    #: Receipt ids pushed on this connection and not acked yet (bounded).
+    receipts_out: set[str] = field(default_factory=set)
 
 
 @dataclass(eq=False, slots=True)
@@ -530,9 +534,12 @@ class Broker:
                 self._error(conn, exc.code, exc.message)
                 continue
             assert conn.bucket is not None
-            # Acks answer our own pushes: limiting them would only cause redelivery.
+            # Acks answer our own pushes: limiting them would only cause
+            # redelivery.  Acks of nothing we pushed here pay like any frame.
             wait = (
-                0.0 if isinstance(frame, wire.ClientAck) else conn.bucket.take(trio.current_time())
+                0.0
+                if isinstance(frame, wire.ClientAck) and _answers_push(conn, frame)
+                else conn.bucket.take(trio.current_time())
             )
             if wait:
                 self._rate_limited(conn, frame, wait)
@@ -1432,6 +1439,8 @@ class Broker:
             self._emit_receipt(st.conn, r)
 
     def _emit_receipt(self, conn: Conn, r: ReceiptRow) -> None:
+        if len(conn.receipts_out) < MAX_TRACKED_RECEIPTS:
+            conn.receipts_out.add(r.id)
         self._emit(
             conn,
             wire.Receipt(
@@ -1534,6 +1543,18 @@ class Broker:
                 if res.receipts:
                     log("expired", rows=len(res.receipts))
             await trio.sleep(self.config.sweep_interval)
+
+
+def _answers_push(conn: Conn, f: wire.ClientAck) -> bool:
+    """Whether an ack answers a push or receipt sent on this connection."""
+    if f.receipt_id is not None and f.receipt_id in conn.receipts_out:
+        conn.receipts_out.discard(f.receipt_id)
+        return True
+    if f.broker_message_id is not None:
+        return f.broker_message_id in conn.by_message
+    if f.client_message_id is not None and f.receipt_id is None:
+        return any(it.client_message_id == f.client_message_id for it in conn.inflight.values())
+    return False
 
 
 def _trace(exc: BaseException) -> str:

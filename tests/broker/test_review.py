@@ -98,3 +98,29 @@ async def test_an_ack_by_client_message_id_covers_only_the_push_it_answers(
             async with open_peer(b.url, bob) as bb:
                 again = await bb.message()
                 assert again.message_id == second.message_id
+
+
+async def test_acks_that_answer_nothing_are_rate_limited(tmp_path: Path) -> None:
+    # Acks are exempt from the rate limit so that answering pushes never
+    # causes redelivery; acks of nothing were exempt too, and each one is a
+    # write in the transaction every peer's sends wait behind.
+    async with open_inproc_broker(tmp_path, rate_per_second=5.0, rate_burst=20) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a, open_peer(b.url, bob) as bb:
+            # genuine acks of pushes and receipts stay free
+            for _ in range(12):
+                ack = await a.dm(bob.pubkey, b"hi")
+                push = await bb.message()
+                await bb.send(wire.ClientAck(broker_message_id=push.message_id))
+                r = await a.expect(
+                    wire.Receipt, where=lambda r, m=ack.message_id: r.message_id == m
+                )
+                await a.send(wire.ClientAck(receipt_id=r.receipt_id))
+                await trio.sleep(0.25)
+            assert not [f for f in a.backlog + bb.backlog if isinstance(f, wire.Error)]
+            for i in range(100):
+                await bb.send(wire.ClientAck(broker_message_id=f"bogus-{i}"))
+                await bb.send(wire.ClientAck(receipt_id=f"bogus-{i}"))
+            err = await bb.expect(wire.Error)
+            assert err.code == errors.RATE_LIMITED
