@@ -127,6 +127,8 @@ class BrokerConfig:
     rate_burst: int = 2000
     max_conns_per_mesh: int = 2000
     max_conns_total: int = 20000
+    #: Connections that have not said hello yet (they count in no other cap).
+    max_handshaking: int = 4096
     max_inflight_sends: int = 64
     outgoing_buffer: int = 20000
     #: Bytes of frames queued for one connection before it is dropped as a
@@ -215,6 +217,8 @@ class Conn:
     bucket: TokenBucket | None = None
     send_slots: trio.Semaphore | None = None
     closed: bool = False
+    #: Counted in ``Broker.handshaking`` until its hello is accepted.
+    in_handshake: bool = True
     #: Bytes queued on ``out`` and not yet written to the socket.
     out_bytes: int = 0
     #: Receipt ids pushed on this connection and not acked yet (bounded).
@@ -331,6 +335,7 @@ class Broker:
         self.lingering: dict[tuple[str, str, str], _Linger] = {}
         self.seen_hellos: dict[str, int] = {}
         self.total_conns = 0
+        self.handshaking = 0
         self.port = 0
         self._nursery: trio.Nursery | None = None
         # Sends and acks share one batcher, so a round is one transaction.
@@ -394,6 +399,13 @@ class Broker:
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Runs in the server's nursery: anything escaping here would stop the
         # whole broker, so one connection's failure is logged and contained.
+        if self.handshaking >= self.config.max_handshaking:
+            log("refused", code=errors.TOO_MANY_CONNECTIONS, stage="before hello")
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+            return
+        self.handshaking += 1
+        handed_over = False
         try:
             async with stream:
                 ws: WebSocket | None = None
@@ -401,11 +413,15 @@ class Broker:
                     ws = await accept(stream, path="/ws", max_message=self.config.max_frame)
                 if ws is None:
                     return
+                handed_over = True  # _serve_ws gives the handshake slot back
                 await self._serve_ws(ws)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception as exc:
             log("connection_error", error=type(exc).__name__, detail=str(exc)[:200])
+        finally:
+            if not handed_over:
+                self.handshaking -= 1
 
     async def _serve_ws(self, ws: WebSocket) -> None:
         send, recv = trio.open_memory_channel[Outgoing](self.config.outgoing_buffer)
@@ -426,11 +442,17 @@ class Broker:
         except Exception as exc:  # a bug must cost one connection, never the broker
             log("internal_error", remote=remote, error=repr(exc), trace=_trace(exc))
         finally:
+            self._end_handshake(conn)
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
                     await self._disconnected(conn)
                 with trio.move_on_after(1):
                     await ws.aclose()
+
+    def _end_handshake(self, conn: Conn) -> None:
+        if conn.in_handshake:
+            conn.in_handshake = False
+            self.handshaking -= 1
 
     async def _writer(self, conn: Conn, recv: trio.MemoryReceiveChannel[Outgoing]) -> None:
         """Write queued frames in order, many per socket write when they pile up."""
@@ -514,6 +536,7 @@ class Broker:
                 if isinstance(frame, wire.Hello):
                     if not await self._hello(conn, frame):
                         return
+                    self._end_handshake(conn)
                     break
                 if isinstance(frame, wire.MeshCreate):
                     await self._mesh_create(conn, frame)

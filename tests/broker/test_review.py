@@ -124,3 +124,22 @@ async def test_acks_that_answer_nothing_are_rate_limited(tmp_path: Path) -> None
                 await bb.send(wire.ClientAck(receipt_id=f"bogus-{i}"))
             err = await bb.expect(wire.Error)
             assert err.code == errors.RATE_LIMITED
+
+
+async def test_connections_that_never_say_hello_are_capped(tmp_path: Path) -> None:
+    # No cap counted a connection before its hello: anyone could hold
+    # thousands of them (each with a frame buffer) for the hello timeout.
+    async with open_inproc_broker(tmp_path, max_handshaking=2) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        async with open_peer(b.url, hello=False), open_peer(b.url, hello=False):
+            port = int(b.url.rsplit(":", 1)[1].split("/")[0])
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(5):
+                assert await stream.receive_some(1024) == b""
+            await stream.aclose()
+        # once they are gone, a peer connects and says hello as usual
+        await wait_until(lambda: b.broker.handshaking == 0)
+        async with open_peer(b.url, alice) as p:
+            assert p.hello_ack is not None
+            assert b.broker.handshaking == 0
