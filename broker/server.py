@@ -245,7 +245,7 @@ class _Linger:
 
 @dataclass(slots=True)
 class _AckJob:
-    """A ``client_ack``: of a delivery (message id or ``cmid:``) or of a receipt."""
+    """A ``client_ack``: of a delivery (message id) or of a receipt (``other``)."""
 
     conn: Conn
     message_id: str | None
@@ -1260,10 +1260,6 @@ class Broker:
             if job.message_id is not None:
                 deliveries.append(
                     (conn.mesh_id, conn.member.id, conn.device_id, job.message_id, None)
-                )
-            elif job.other is not None and job.other.startswith("cmid:"):
-                deliveries.append(
-                    (conn.mesh_id, conn.member.id, conn.device_id, None, job.other[5:])
                 )
             elif job.other is not None:
                 receipt_acks.append((conn.member.id, job.other))

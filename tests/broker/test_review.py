@@ -143,3 +143,17 @@ async def test_connections_that_never_say_hello_are_capped(tmp_path: Path) -> No
         async with open_peer(b.url, alice) as p:
             assert p.hello_ack is not None
             assert b.broker.handshaking == 0
+
+
+async def test_a_receipt_id_is_never_read_as_a_client_message_id(tmp_path: Path) -> None:
+    async with open_inproc_broker(tmp_path) as b:
+        mesh = b.mesh()
+        alice, bob = b.member(mesh, "alice"), b.member(mesh, "bob")
+        async with open_peer(b.url, alice) as a:
+            async with open_peer(b.url, bob) as bb:
+                sent = await a.dm(bob.pubkey, b"hi", cmid="x1")
+                await bb.message()
+                await bb.send(wire.ClientAck(receipt_id="cmid:x1"))
+                await a.expect_none(wire.Receipt, 0.5)
+            async with open_peer(b.url, bob) as bb:
+                assert (await bb.message()).message_id == sent.message_id
