@@ -71,6 +71,10 @@ CLOSE_TRY_LATER: Final = 1013
 MAX_PREHELLO_FRAMES: Final = 32
 #: Longest ``reason`` a recipient may give in a ``failed`` receipt.
 MAX_RECEIPT_REASON: Final = 200
+#: Sessions one connection may present (each is a stream, a row and a peer).
+MAX_SESSIONS_PER_CONN: Final = 256
+#: Longest text field of a presented session (``cwd``, names).
+MAX_SESSION_TEXT: Final = 4096
 #: Receipt ids remembered per connection so their acks skip the rate limit.
 MAX_TRACKED_RECEIPTS: Final = 100_000
 FEATURES: Final = [
@@ -923,6 +927,17 @@ class Broker:
         if not wire.is_pubkey_hex(spk) or att.session_pk != spk or att.parent_pk != member.pubkey:
             self._error(
                 conn, errors.INVALID_FIELD, "session_hello: attestation keys do not match", f.id
+            )
+            return
+        if any(
+            v is not None and len(v) > MAX_SESSION_TEXT
+            for v in (f.session_id, f.cwd, f.display_name, f.peer_type)
+        ):
+            self._error(conn, errors.INVALID_FIELD, "session_hello: a text field is too long", f.id)
+            return
+        if spk not in conn.sessions and len(conn.sessions) >= MAX_SESSIONS_PER_CONN:
+            self._error(
+                conn, errors.TOO_MANY_CONNECTIONS, "too many sessions on this connection", f.id
             )
             return
         if self._skewed(f.timestamp):

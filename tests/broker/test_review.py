@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import trio
-from cmtest.broker import open_inproc_broker, open_peer, signed_hello, wait_until
+from cmtest.broker import (
+    Identity,
+    new_key,
+    now_ms,
+    open_inproc_broker,
+    open_peer,
+    signed_hello,
+    wait_until,
+)
 
-from claudemesh.shared.protocol import errors, wire
+from claudemesh.shared.protocol import crypto, errors, wire
+
+
+def session_hello(ident: Identity, skey: crypto.KeyPair, **extra: Any) -> wire.SessionHello:
+    ts = now_ms()
+    expires = ts + 3_600_000
+    return wire.SessionHello(
+        session_pubkey=skey.public_hex,
+        session_id="sess-" + skey.public_hex[:6],
+        timestamp=ts,
+        signature=skey.sign(
+            wire.session_hello_canonical(ident.mesh_id, ident.pubkey, skey.public_hex, ts)
+        ),
+        attestation=wire.SessionAttestation(
+            parent_pk=ident.pubkey,
+            session_pk=skey.public_hex,
+            expires_at=expires,
+            signature=ident.key.sign(
+                wire.session_attest_canonical(ident.pubkey, skey.public_hex, expires)
+            ),
+        ),
+        **extra,
+    )
 
 
 async def test_hello_replay_with_respelled_signature_is_refused(tmp_path: Path) -> None:
@@ -157,3 +188,20 @@ async def test_a_receipt_id_is_never_read_as_a_client_message_id(tmp_path: Path)
                 await a.expect_none(wire.Receipt, 0.5)
             async with open_peer(b.url, bob) as bb:
                 assert (await bb.message()).message_id == sent.message_id
+
+
+async def test_one_connection_cannot_present_unbounded_sessions(tmp_path: Path) -> None:
+    from claudemesh.broker import server
+
+    async with open_inproc_broker(tmp_path, rate_per_second=10_000.0) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        async with open_peer(b.url, alice) as p:
+            for i in range(server.MAX_SESSIONS_PER_CONN):
+                reply = await p.request(session_hello(alice, new_key(), id=f"s{i}"))
+                assert isinstance(reply, wire.Ok), reply
+            over = await p.request(session_hello(alice, new_key(), id="over"))
+            assert isinstance(over, wire.Error)
+            assert over.code == errors.TOO_MANY_CONNECTIONS
+            long_cwd = await p.request(session_hello(alice, new_key(), id="cwd", cwd="x" * 5000))
+            assert isinstance(long_cwd, wire.Error)
