@@ -73,6 +73,8 @@ MAX_PREHELLO_FRAMES: Final = 32
 MAX_RECEIPT_REASON: Final = 200
 #: Sessions one connection may present (each is a stream, a row and a peer).
 MAX_SESSIONS_PER_CONN: Final = 256
+#: Groups one connection may be in (each is a stored row and peers_list text).
+MAX_GROUPS_PER_CONN: Final = 256
 #: Longest text field of a presented session (``cwd``, names).
 MAX_SESSION_TEXT: Final = 4096
 #: Receipt ids remembered per connection so their acks skip the rate limit.
@@ -1041,7 +1043,11 @@ class Broker:
         if not name or len(name) > 128:
             self._error(conn, errors.INVALID_FIELD, f"{f.__struct_config__.tag}: field `name`")
             return
-        conn.groups = [g for g in conn.groups if g.name != name]
+        kept = [g for g in conn.groups if g.name != name]
+        if isinstance(f, wire.JoinGroup) and len(kept) >= MAX_GROUPS_PER_CONN:
+            self._error(conn, errors.INVALID_FIELD, f"join_group: at most {MAX_GROUPS_PER_CONN}")
+            return
+        conn.groups = kept
         if isinstance(f, wire.JoinGroup):
             conn.groups.append(wire.GroupRef(name=name, role=f.role))
             await self.store.set_groups(conn.member.id, [(name, f.role)], [])

@@ -205,3 +205,24 @@ async def test_one_connection_cannot_present_unbounded_sessions(tmp_path: Path) 
             assert over.code == errors.TOO_MANY_CONNECTIONS
             long_cwd = await p.request(session_hello(alice, new_key(), id="cwd", cwd="x" * 5000))
             assert isinstance(long_cwd, wire.Error)
+
+
+async def test_one_member_cannot_join_unbounded_groups(tmp_path: Path) -> None:
+    from claudemesh.broker import server
+
+    async with open_inproc_broker(tmp_path, rate_per_second=10_000.0) as b:
+        mesh = b.mesh()
+        alice = b.member(mesh, "alice")
+        async with open_peer(b.url, alice) as p:
+            for i in range(server.MAX_GROUPS_PER_CONN):
+                await p.send(wire.JoinGroup(name=f"g{i}"))
+            await p.request(wire.ListPeers(id="sync"))
+            assert not [f for f in p.backlog if isinstance(f, wire.Error)]
+            await p.send(wire.JoinGroup(name="one-too-many"))
+            err = await p.expect(wire.Error)
+            assert err.code == errors.INVALID_FIELD
+            # re-joining a group it is in (a role change) is still fine
+            await p.send(wire.JoinGroup(name="g0", role="lead"))
+            await p.request(wire.ListPeers(id="sync2"))
+            assert not [f for f in p.backlog if isinstance(f, wire.Error)]
+        assert len(b.store.db.get_member(alice.member_id).groups) == server.MAX_GROUPS_PER_CONN
