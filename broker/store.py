@@ -1272,8 +1272,15 @@ class _Tx:
         if not self.outer:
             return
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT leaves the transaction open: every later
+                # _tx() would nest in it and never commit.  Roll it back.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        elif self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
 

@@ -226,3 +226,37 @@ async def test_one_member_cannot_join_unbounded_groups(tmp_path: Path) -> None:
             await p.request(wire.ListPeers(id="sync2"))
             assert not [f for f in p.backlog if isinstance(f, wire.Error)]
         assert len(b.store.db.get_member(alice.member_id).groups) == server.MAX_GROUPS_PER_CONN
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # If COMMIT itself fails, SQLite keeps the transaction open; the next
+    # _tx() then took it for a nested one and never committed again, so every
+    # later "accepted" row was acked and lost at the next kill -9.
+    import sqlite3
+
+    import pytest
+
+    from claudemesh.broker.store import SqliteDB
+
+    db = SqliteDB(tmp_path / "b.db")
+    try:
+
+        def orphan_row() -> None:
+            with db._tx():
+                db.conn.execute("PRAGMA defer_foreign_keys = ON")
+                db.conn.execute(
+                    "INSERT INTO queue (message_id, member_id, target_pubkey, expires_at)"
+                    " VALUES ('no-such-message', 'm', 'k', 0)"
+                )
+
+        with pytest.raises(sqlite3.IntegrityError):
+            orphan_row()
+        assert not db.conn.in_transaction
+        mesh, _ = db.create_mesh("m", now=now_ms())
+    finally:
+        db.close()
+    again = SqliteDB(tmp_path / "b.db")
+    try:
+        assert [m.id for m in again.list_meshes()] == [mesh.id]
+    finally:
+        again.close()
