@@ -33,6 +33,8 @@ RECEIVE_SIZE: Final = 65536
 CLOSE_ABNORMAL: Final = 1006
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_PROTOCOL: Final = 1002
+#: Fragments one message may have: empty ones add nothing to its size.
+MAX_FRAGMENTS: Final = 1024
 
 
 class ConnectionClosed(Exception):
@@ -148,6 +150,8 @@ class Framer:
             elif opcode == 0x0:
                 if not self._parts:
                     raise FrameError(CLOSE_PROTOCOL, "continuation without a message")
+                if len(self._parts) >= MAX_FRAGMENTS:
+                    raise FrameError(CLOSE_TOO_BIG, "too many fragments")
                 self._parts.append(payload)
                 self._size += n
             elif opcode == _PING:

@@ -260,3 +260,42 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
         assert [m.id for m in again.list_meshes()] == [mesh.id]
     finally:
         again.close()
+
+
+async def test_endless_empty_fragments_close_the_connection(tmp_path: Path) -> None:
+    # Zero-length continuation frames never grew the message size, so one
+    # unauthenticated client could grow a fragment list without end.
+    import base64
+    import os
+
+    async with open_inproc_broker(tmp_path) as b:
+        port = int(b.url.rsplit(":", 1)[1].split("/")[0])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        await stream.send_all(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        assert b" 101 " in head.split(b"\r\n", 1)[0]
+        mask = b"\0\0\0\0"
+        first = bytes([0x01, 0x80]) + mask  # text, not final, empty
+        empty = bytes([0x00, 0x80]) + mask  # continuation, not final, empty
+        closed = False
+        with trio.move_on_after(10):
+            try:
+                await stream.send_all(first)
+                for _ in range(200):
+                    await stream.send_all(empty * 1000)
+                while await stream.receive_some(4096):
+                    pass
+                closed = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                closed = True
+        assert closed
+        await stream.aclose()
