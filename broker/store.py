@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import trio
 
@@ -1034,35 +1034,34 @@ class SqliteDB:
     def surfaced(
         self, member_id: str, device_id: str, message_id: str, now: int
     ) -> list[ReceiptRow]:
-        out: list[ReceiptRow] = []
-        with self._tx():
-            rows = self.conn.execute(
-                "UPDATE queue SET surfaced_at = ? WHERE message_id = ? AND member_id = ?"
-                " AND (device_id = ? OR device_id IS NULL) AND surfaced_at IS NULL"
-                " RETURNING target_pubkey",
-                (now, message_id, member_id, device_id),
-            ).fetchall()
-            if rows:
-                msg = self.conn.execute(
-                    "SELECT * FROM messages WHERE id = ?", (message_id,)
-                ).fetchone()
-                for r in rows:
-                    out.append(
-                        self._new_receipt(
-                            msg, r["target_pubkey"], "surfaced", now, msg["keep_until"]
-                        )
-                    )
-        return out
+        """A session or the user saw the recipient's copy: one receipt per row, once."""
+        return self._recipient_receipt(
+            "surfaced_at", "surfaced", member_id, device_id, message_id, now
+        )
 
     def failed(
         self, member_id: str, device_id: str, message_id: str, reason: str, now: int
     ) -> list[ReceiptRow]:
         """The recipient could not read its copy: one ``failed`` receipt per row, once."""
+        return self._recipient_receipt(
+            "failed_at", "failed", member_id, device_id, message_id, now, reason
+        )
+
+    def _recipient_receipt(
+        self,
+        column: Literal["surfaced_at", "failed_at"],
+        state: str,
+        member_id: str,
+        device_id: str,
+        message_id: str,
+        now: int,
+        reason: str | None = None,
+    ) -> list[ReceiptRow]:
         out: list[ReceiptRow] = []
         with self._tx():
             rows = self.conn.execute(
-                "UPDATE queue SET failed_at = ? WHERE message_id = ? AND member_id = ?"
-                " AND (device_id = ? OR device_id IS NULL) AND failed_at IS NULL"
+                f"UPDATE queue SET {column} = ? WHERE message_id = ? AND member_id = ?"
+                f" AND (device_id = ? OR device_id IS NULL) AND {column} IS NULL"
                 " RETURNING target_pubkey",
                 (now, message_id, member_id, device_id),
             ).fetchall()
@@ -1073,7 +1072,7 @@ class SqliteDB:
                 for r in rows:
                     out.append(
                         self._new_receipt(
-                            msg, r["target_pubkey"], "failed", now, msg["keep_until"], reason
+                            msg, r["target_pubkey"], state, now, msg["keep_until"], reason
                         )
                     )
         return out
