@@ -7,31 +7,15 @@ from typing import Any
 
 import trio
 import trio.lowlevel
-from cmtest.broker import Identity, Peer, new_key, now_ms, open_inproc_broker, open_peer
+from cmtest.broker import (
+    Peer,
+    new_key,
+    open_inproc_broker,
+    open_peer,
+    session_hello,
+)
 
 from claudemesh.shared.protocol import crypto, errors, wire
-
-
-def session_hello(ident: Identity, skey: crypto.KeyPair, **extra: Any) -> wire.SessionHello:
-    ts = now_ms()
-    expires = ts + 3_600_000
-    return wire.SessionHello(
-        session_pubkey=skey.public_hex,
-        session_id="sess-" + skey.public_hex[:6],
-        timestamp=ts,
-        signature=skey.sign(
-            wire.session_hello_canonical(ident.mesh_id, ident.pubkey, skey.public_hex, ts)
-        ),
-        attestation=wire.SessionAttestation(
-            parent_pk=ident.pubkey,
-            session_pk=skey.public_hex,
-            expires_at=expires,
-            signature=ident.key.sign(
-                wire.session_attest_canonical(ident.pubkey, skey.public_hex, expires)
-            ),
-        ),
-        **extra,
-    )
 
 
 def system(event: str, pubkey: str) -> Any:

@@ -3,42 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import trio
 from cmtest.broker import (
-    Identity,
     new_key,
     now_ms,
     open_inproc_broker,
     open_peer,
+    session_hello,
     signed_hello,
     wait_until,
 )
 
-from claudemesh.shared.protocol import crypto, errors, wire
-
-
-def session_hello(ident: Identity, skey: crypto.KeyPair, **extra: Any) -> wire.SessionHello:
-    ts = now_ms()
-    expires = ts + 3_600_000
-    return wire.SessionHello(
-        session_pubkey=skey.public_hex,
-        session_id="sess-" + skey.public_hex[:6],
-        timestamp=ts,
-        signature=skey.sign(
-            wire.session_hello_canonical(ident.mesh_id, ident.pubkey, skey.public_hex, ts)
-        ),
-        attestation=wire.SessionAttestation(
-            parent_pk=ident.pubkey,
-            session_pk=skey.public_hex,
-            expires_at=expires,
-            signature=ident.key.sign(
-                wire.session_attest_canonical(ident.pubkey, skey.public_hex, expires)
-            ),
-        ),
-        **extra,
-    )
+from claudemesh.shared.protocol import errors, wire
 
 
 async def test_hello_replay_with_respelled_signature_is_refused(tmp_path: Path) -> None:

@@ -231,6 +231,29 @@ def signed_hello(ident: Identity, *, timestamp: int | None = None, **extra: Any)
     )
 
 
+def session_hello(ident: Identity, skey: crypto.KeyPair, **extra: Any) -> wire.SessionHello:
+    """A session presentation signed by the session key, attested by the member key."""
+    ts = now_ms()
+    expires = ts + 3_600_000
+    return wire.SessionHello(
+        session_pubkey=skey.public_hex,
+        session_id="sess-" + skey.public_hex[:6],
+        timestamp=ts,
+        signature=skey.sign(
+            wire.session_hello_canonical(ident.mesh_id, ident.pubkey, skey.public_hex, ts)
+        ),
+        attestation=wire.SessionAttestation(
+            parent_pk=ident.pubkey,
+            session_pk=skey.public_hex,
+            expires_at=expires,
+            signature=ident.key.sign(
+                wire.session_attest_canonical(ident.pubkey, skey.public_hex, expires)
+            ),
+        ),
+        **extra,
+    )
+
+
 @dataclass
 class Peer:
     """A raw wire client: send frames, wait for frames of a type with a deadline."""
